@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The main job on the built-in default. Extra arguments go to `nanoseek speedrun`.
+set -euo pipefail
+cd "$(dirname "$0")"
+source scripts/venv.sh
+exec nanoseek speedrun "$@"
