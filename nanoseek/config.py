@@ -13,10 +13,11 @@ import difflib
 import importlib
 import json
 import math
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
