@@ -86,7 +86,6 @@ class Transformer(nn.Module):
         """input_ids [B, T]. With `cache` (a LatentCache), the tokens of row b sit at positions start_pos[b]...;
         their latents go to slot slots[b]. Rows whose start_pos are all 0 take the expanded (prefill) form."""
         B, T = input_ids.shape
-        cfg = self.config
         if start_pos is None:
             start_pos = torch.zeros(B, dtype=torch.long, device=input_ids.device)
         positions = start_pos[:, None] + torch.arange(T, device=input_ids.device)  # [B, T]
