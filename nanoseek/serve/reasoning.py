@@ -25,8 +25,11 @@ THINK_END = "</think>"
 
 def split_reasoning(text: str) -> tuple[str | None, str | None]:
     """Non-streaming split: (reasoning_content, content)."""
-    before, tag, after = text.partition(THINK_START)
-    text = after if tag else before
+    start, end = text.find(THINK_START), text.find(THINK_END)
+    if start != -1 and (end == -1 or start < end):
+        # Drop the opening tag and anything before it. (vLLM partitions on the first <think> anywhere, even one
+        # inside the answer after </think>; we only treat it as the opening tag when it comes before the end tag.)
+        text = text[start + len(THINK_START) :]
     if THINK_END not in text:
         return text, None
     reasoning, _, content = text.partition(THINK_END)
