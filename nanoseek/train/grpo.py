@@ -7,6 +7,8 @@ Objective per token t of completion i (ρ = π_θ/π_old, A_i shared by every to
 
     L_it = -min(ρ A_i, clip(ρ, 1-ε_low, 1+ε_high) A_i) + β·KL_it,   KL_it = π_ref/π_θ - log(π_ref/π_θ) - 1  (k3)
 
+(kl_bias_correction = True multiplies KL_it by ρ, as DeepSeek-V3.2 does and TRL 1.16 does by default.)
+
 and the loss_type says how the L_it are averaged (mask m_it marks real completion tokens):
 
     grpo     mean_i ( Σ_t m L / Σ_t m )          the paper: per-sequence mean, then mean over sequences
@@ -44,6 +46,7 @@ class GRPOConfig:
     epsilon_low: float = 0.2  # clip ρ from below at 1 - ε_low
     epsilon_high: float | None = None  # clip ρ from above at 1 + ε_high; None: 0.28 for dapo (DAPO), else ε_low
     beta: float = 0.001  # k3 KL weight to the frozen reference (R1 paper: 0.001); 0 skips the reference forward
+    kl_bias_correction: bool = False  # DeepSeek-V3.2: weight the per-token KL by ρ (unbiased off-policy; TRL's default)
     mu: int = 1  # policy iterations per rollout batch (μ in GRPO's Algorithm 1)
     dynamic_sampling: bool | None = None  # drop groups with all-equal rewards; None: True for dapo only
     # --- rollouts
@@ -190,7 +193,8 @@ def per_token_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: 
     micro-batching with the other loss types divides each micro-batch's loss by the number of micro-batches.
     entropy [B, T] (optional, no grad needed) is only averaged into the stats.
 
-    Returns (scalar loss, stats): stats are floats — policy_loss, kl (when ref_logp is given), clip_low,
+    Returns (scalar loss, stats): stats are floats — policy_loss, kl (when ref_logp is given; ρ-weighted when
+    cfg.kl_bias_correction, i.e. the term in the loss), clip_low,
     clip_high, clip_region (fractions of tokens whose ratio left the trust region where that matters), ratio_mean,
     ratio_max, entropy.
     """
@@ -209,6 +213,8 @@ def per_token_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: 
     clipped = torch.clamp(ratio, 1 - cfg.epsilon_low, 1 + cfg.epsilon_high)
     loss_tok = -torch.min(ratio * adv, clipped * adv)  # [B, T]
     kl = kl_k3(logp, ref_logp) if ref_logp is not None else None
+    if kl is not None and cfg.kl_bias_correction:
+        kl = kl * ratio  # DeepSeek-V3.2 eq. 8: ρ·k3 is unbiased for the reverse KL when sampling from π_old
     if cfg.beta > 0:
         loss_tok = loss_tok + cfg.beta * kl
 
