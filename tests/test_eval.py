@@ -1,0 +1,108 @@
+"""Eval: the estimators against direct counting, the bootstrap interval, and a real eval of a tiny model."""
+
+import itertools
+import math
+import random
+
+import pytest
+
+from nanoseek.eval import EvalConfig, bootstrap_ci, majority_vote, pass_at_k, score_question, summarize
+
+
+def direct_pass_at_k(outcomes: list[bool], k: int) -> float:
+    """Share of all k-subsets of the samples that contain at least one correct sample."""
+    subsets = list(itertools.combinations(outcomes, k))
+    return sum(any(s) for s in subsets) / len(subsets)
+
+
+@pytest.mark.parametrize("n,c,k", [(1, 0, 1), (1, 1, 1), (5, 0, 3), (5, 5, 2), (6, 2, 1), (6, 2, 4), (8, 1, 4),
+                                   (8, 3, 8), (10, 4, 3), (10, 9, 2), (12, 5, 6)])
+def test_pass_at_k_equals_counting_subsets(n, c, k):
+    outcomes = [True] * c + [False] * (n - c)
+    random.Random(n * 100 + c).shuffle(outcomes)  # order must not matter
+    assert pass_at_k(n, c, k) == pytest.approx(direct_pass_at_k(outcomes, k), abs=1e-12)
+
+
+def test_pass_at_k_closed_forms_and_errors():
+    assert pass_at_k(8, 3, 1) == pytest.approx(3 / 8)  # pass@1 is the plain success rate
+    assert pass_at_k(8, 3, 8) == 1.0  # all samples drawn: correct iff any is
+    assert pass_at_k(8, 0, 8) == 0.0
+    assert pass_at_k(200, 13, 50) == pytest.approx(1 - math.comb(187, 50) / math.comb(200, 50), rel=1e-9)
+    with pytest.raises(ValueError, match="k <= n"):
+        pass_at_k(4, 1, 5)
+    with pytest.raises(ValueError, match="c <= n"):
+        pass_at_k(4, 5, 1)
+
+
+def test_majority_vote_hand_cases():
+    assert majority_vote(["7", "5", "7", None, None, None]) == "7"  # None (no answer) never wins
+    assert majority_vote([None, None]) is None
+    assert majority_vote([]) is None
+    assert majority_vote(["3", "4", "4", "3"]) == "3"  # a tie goes to the answer seen first
+    assert majority_vote(["12", " 12 ", "12.0", "13", "13"]) == "12"  # equal numbers are one vote
+    assert majority_vote(["1, 2, 3", "1,2,3", "3,2,1"]) == "1, 2, 3"  # whitespace does not split votes
+    assert majority_vote(["x = 5", "6", "5"]) == "x = 5"  # "x = 5" and "5" are the same number
+
+
+def test_maj_at_k_matches_brute_force_vote():
+    from nanoseek import tasks
+
+    entry = tasks.get("add").generate(seed=3, n=1)[0]
+    right, wrong = entry["answer"], str(int(entry["answer"]) + 1)
+    rng = random.Random(0)
+    for _ in range(30):
+        k = rng.randint(1, 7)
+        answers = [rng.choice([right, wrong, str(int(right) + 2), None]) for _ in range(k)]
+        texts = [f"x</think>\n<answer>{a}</answer>" if a is not None else "x</think> no answer" for a in answers]
+        q = score_question(entry, texts, [10] * k, [False] * k, prompt_opens_think=True)
+        given = [a for a in answers if a is not None]
+        if not given:
+            assert q.maj == 0.0
+            continue
+        counts = {a: given.count(a) for a in given}
+        top = max(counts.values())
+        winner = next(a for a in given if counts[a] == top)  # first-seen among the most frequent
+        assert q.maj == float(winner == right)
+        assert q.scores == [float(a == right) for a in answers]
+
+
+def test_bootstrap_interval_contains_mean_and_shrinks():
+    rng = random.Random(1)
+    small = [float(rng.random() < 0.3) for _ in range(20)]
+    big = [float(rng.random() < 0.3) for _ in range(2000)]
+    a, b = bootstrap_ci(small, 500), bootstrap_ci(big, 500)
+    for ci, xs in ((a, small), (b, big)):
+        assert ci["lo"] <= ci["mean"] <= ci["hi"]
+        assert ci["mean"] == pytest.approx(sum(xs) / len(xs))
+    assert b["hi"] - b["lo"] < a["hi"] - a["lo"]  # 100x the questions: a much narrower interval
+    assert 0 < a["hi"] - a["lo"] < 0.6
+    const = bootstrap_ci([0.5] * 10, 200)
+    assert const["lo"] == const["hi"] == const["mean"] == 0.5
+    assert bootstrap_ci([], 10)["mean"] is None
+
+
+def test_summarize_pools_questions():
+    from nanoseek.eval import QuestionResult
+
+    qs = [QuestionResult("add", [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [10, 20, 30, 40], [False] * 4, 0.0, 1.0),
+          QuestionResult("add", [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1], [5, 5, 5, 5], [False] * 4, 1.0, 0.0)]
+    s = summarize(qs, k=4, pass_ks=[1, 4], n_boot=100, seed=0)
+    assert s["pass@1"]["mean"] == pytest.approx((0.25 + 1.0) / 2)
+    assert s["pass@4"]["mean"] == pytest.approx(1.0)
+    assert s["maj@k"]["mean"] == 0.5 and s["greedy"]["mean"] == 0.5
+    assert s["format"]["mean"] == pytest.approx((0.75 + 1) / 2)
+    assert s["lenient"]["mean"] == pytest.approx((0.5 + 1) / 2)
+    assert s["length"]["mean"] == pytest.approx((25 + 5) / 2)
+    assert s["length_correct"] == pytest.approx((10 + 5 * 4) / 5)
+    assert s["length_wrong"] == pytest.approx(30)
+
+
+def test_config_errors_name_the_field():
+    from nanoseek.config import ConfigError
+
+    with pytest.raises(ConfigError, match="eval.k"):
+        EvalConfig(k=0)
+    with pytest.raises(ConfigError, match="eval.splits"):
+        EvalConfig(splits=["train"])
+    assert EvalConfig(k=8).pass_ks() == [1, 4, 8]
+    assert EvalConfig(k=2).pass_ks() == [1, 2]
