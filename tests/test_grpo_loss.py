@@ -154,3 +154,22 @@ def test_empty_mask_is_safe():
     for lt in ("grpo", "bnpo", "dapo", "dr_grpo"):
         loss, _ = per_token_loss(logp, None, None, torch.ones(2), torch.zeros(2, 3), GRPOConfig(loss_type=lt, beta=0.0))
         assert loss.item() == 0.0
+
+
+def test_rollout_stats():
+    from nanoseek.train.grpo import rollout_stats
+    from nanoseek.train.rewards import Reward
+
+    def R(acc, fmt, lenient=None):
+        return Reward(reward=acc + 0.2 * fmt, accuracy=acc, lenient=acc if lenient is None else lenient, format=fmt,
+                      overlong=0.0, answer=None)
+
+    rs = [R(1, 1), R(0, 1, lenient=1), R(0, 0), R(0, 0)]  # group 1 mixed, group 2 all-equal
+    s = rollout_stats(rs, lengths=[10, 30, 50, 70], truncated=[False, False, False, True], G=2)
+    assert s["accuracy"] == 0.25 and s["accuracy_lenient"] == 0.5 and s["format"] == 0.5
+    assert s["zero_variance_groups"] == 0.5 and s["truncated"] == 0.25
+    assert s["length_correct"] == 10 and s["length_wrong"] == 50 and s["length"] == 40
+    assert s["reward"] == pytest.approx((1.2 + 0.2) / 4)
+    assert math.isnan(rollout_stats([R(0, 0)] * 2, [5, 5], [False] * 2, G=2)["length_correct"])
+    with pytest.raises(ValueError, match="one length"):
+        rollout_stats(rs, [1], [False] * 4, G=2)

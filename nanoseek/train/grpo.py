@@ -1,7 +1,8 @@
 """GRPO (DeepSeekMath §4.1, DeepSeek-R1 §2.2.1) and its named variants: Dr. GRPO, DAPO, BNPO.
 
-The pure functions come first (log-probs, entropy, group advantages, the clipped loss with its statistics); they
-are what `tests/test_grpo_trl.py` proves equal to TRL's `GRPOTrainer`. The rollout/training loop follows them.
+The pure functions come first (log-probs, entropy, group advantages, the clipped loss with its statistics, the
+rollout statistics); the loss is what `tests/test_grpo_trl.py` proves equal to TRL's `GRPOTrainer`. The
+rollout/training loop follows them.
 
 Objective per token t of completion i (ρ = π_θ/π_old, A_i shared by every token of completion i):
 
@@ -23,12 +24,14 @@ scale "group" uses the group's std, "batch" the whole batch's std, "none" no div
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from nanoseek.config import ConfigError
+from nanoseek.train.rewards import Reward
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 SCALES = ("group", "batch", "none")
@@ -254,3 +257,36 @@ def per_token_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: 
         if entropy is not None:
             stats["entropy"] = mmean(entropy)
     return loss, stats
+
+
+# ---- per-step rollout statistics -------------------------------------------------------------------------------
+
+
+def rollout_stats(rs: Sequence[Reward], lengths: Sequence[int], truncated: Sequence[bool], G: int) -> dict[str, float]:
+    """What one rollout batch looked like (logged every step next to the loss stats): reward mean/std, strict and
+    lenient accuracy, format rate, share of zero-variance groups, mean length overall / of correct (strict score 1)
+    / of wrong completions (nan when there are none), truncation rate, mean overlong penalty."""
+    n = len(rs)
+    if n == 0 or len(lengths) != n or len(truncated) != n:
+        raise ValueError(f"need one length and one truncated flag per completion, got {n} rewards, "
+                         f"{len(lengths)} lengths, {len(truncated)} flags")
+    r = torch.tensor([x.reward for x in rs], dtype=torch.float64)
+    acc = [x.accuracy for x in rs]
+    length = [float(v) for v in lengths]
+
+    def mean(xs):
+        return float(sum(xs) / len(xs)) if xs else math.nan
+
+    return {
+        "reward": float(r.mean()),
+        "reward_std": float(r.std()) if n > 1 else 0.0,
+        "accuracy": mean(acc),
+        "accuracy_lenient": mean([x.lenient for x in rs]),
+        "format": mean([x.format for x in rs]),
+        "zero_variance_groups": float(zero_variance_groups(r, G).double().mean()),
+        "length": mean(length),
+        "length_correct": mean([v for v, a in zip(length, acc) if a >= 1.0]),
+        "length_wrong": mean([v for v, a in zip(length, acc) if a < 1.0]),
+        "truncated": mean([float(t) for t in truncated]),
+        "overlong": mean([x.overlong for x in rs]),
+    }
