@@ -175,7 +175,14 @@ class ModelConfig:
             out["num_nextn_predict_layers"] = d["num_mtp_layers"]
         if isinstance(out.get("eos_token_id"), list):
             out["eos_token_id"] = out["eos_token_id"][0]
-        return build(cls, out, source)
+        cfg = build(cls, out, source)
+        # transformers also writes the derived head dims; a file where they disagree has no consistent shape.
+        for key, want in (("qk_head_dim", cfg.qk_head_dim), ("head_dim", cfg.qk_rope_head_dim)):
+            if d.get(key) is not None and d[key] != want:
+                raise ConfigError(f"{source}: model.{key} = {d[key]} does not add up: qk_nope_head_dim + "
+                                  f"qk_rope_head_dim = {cfg.qk_nope_head_dim} + {cfg.qk_rope_head_dim} implies "
+                                  f"{key} = {want}; fix the head dims so they agree")
+        return cfg
 
 
 # ---- sections and presets -------------------------------------------------------------------------------------
