@@ -18,11 +18,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_DISABLED", "true")
 
+import datasets  # noqa: E402  (comes with trl)
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-trl = pytest.importorskip("trl")  # a test-only dependency (pyproject [test]); CI installs it
-datasets = pytest.importorskip("datasets")
+import trl  # noqa: E402  (test-only dependency, pyproject [test]; imported plainly so a missing one fails loudly)
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
