@@ -235,7 +235,6 @@ def evaluate(model, tokenizer, entries_by_split: dict[str, list[dict]], cfg: Eva
 
     from nanoseek.infer.engine import Engine, EngineConfig
     from nanoseek.infer.sampling import SamplingParams
-    from nanoseek.tokenizer import prompt_ids
 
     engine = Engine(model, tokenizer, engine_cfg or EngineConfig())
     moe = model.moe_layers() if hasattr(model, "moe_layers") else []
@@ -276,6 +275,14 @@ def evaluate(model, tokenizer, entries_by_split: dict[str, list[dict]], cfg: Eva
     # Expert load on the eval traffic, per MoE layer (rows) and routed expert (columns), for the report's heatmap.
     out["expert_load"] = [m.load.tolist() for m in moe]
     return out
+
+
+def prompt_ids(tokenizer, question: str) -> list[int]:
+    """The R1 prompt every RL stage trains on: one user turn asking for <think> then <answer>, then the
+    generation prompt `<｜Assistant｜><think>\\n`."""
+    from nanoseek.tokenizer import r1_prompt
+
+    return tokenizer.encode_chat([{"role": "user", "content": r1_prompt(question)}])
 
 
 def _prompt_opens_think(tokenizer, ids: list[int]) -> bool:

@@ -1,0 +1,451 @@
+"""`nanoseek report RUN_DIR`: the run's report card — `RUN_DIR/report.md` plus PNG plots in `RUN_DIR/plots/`.
+
+Reads only what the stages left on disk, so it works on a finished run, a half-finished one (it says which stages
+are missing) or a run made stage by stage by hand:
+
+    RUN/<stage>/metrics.jsonl     one JSON object per step (pretrain, zero, sft, rl, student_*, distill)
+    RUN/<stage>/stage.json        what `nanoseek speedrun` measured: seconds, tokens, peak RSS, key figure
+    RUN/eval/<stage>.json         `nanoseek eval --out` results
+
+    nanoseek report runs/cpu-tiny        # writes runs/cpu-tiny/report.md and runs/cpu-tiny/plots/*.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+# The run's stages in pipeline order: (directory, what the report calls it, what it is).
+STAGES = [
+    ("tokenizer", "tokenizer", "byte-level BPE trained on the task corpus"),
+    ("pretrain", "base", "V3-style pretraining (MLA + DeepSeekMoE + MTP)"),
+    ("zero", "R1-Zero", "GRPO straight from the base with rule rewards"),
+    ("sft", "SFT", "cold-start SFT on R1-Zero's rejection-sampled correct traces"),
+    ("rl", "R1", "GRPO from the SFT model: the teacher"),
+    ("student_base", "student base", "the small dense student, pretrained like the base"),
+    ("distill", "student", "the student after SFT on the teacher's correct traces (distillation)"),
+    ("student_rl", "RL-only student", "the same student trained by GRPO alone (the paper's comparison arm)"),
+]
+LABEL = {d: label for d, label, _ in STAGES}
+EVAL_ORDER = ["pretrain", "zero", "sft", "rl", "student_base", "distill", "student_rl"]
+RL_STAGES = ["zero", "rl", "student_rl"]
+
+# Key names differ a little between writers; the first present wins.
+KEYS = {
+    "loss": ("loss", "train_loss"),
+    "mtp_loss": ("mtp_loss",),
+    "val_loss": ("val_loss",),
+    "reward": ("reward", "reward_mean"),
+    "accuracy": ("accuracy", "acc", "accuracy_strict"),
+    "length": ("length", "completion_length", "mean_length", "response_length"),
+    "kl": ("kl",),
+    "format": ("format", "format_rate"),
+}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a metrics.jsonl; a torn last line (a crash mid-write) is skipped, not fatal."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def series(records: list[dict], what: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of metric `what` (a KEYS name or a raw key), skipping records without it."""
+    keys = KEYS.get(what, (what,))
+    xs, ys = [], []
+    for i, r in enumerate(records):
+        v = next((r[k] for k in keys if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)), None)
+        if v is not None and math.isfinite(v):
+            xs.append(r.get("step", i))
+            ys.append(float(v))
+    return xs, ys
+
+
+def layer_loads(records: list[dict]) -> tuple[list[int], list[list[float]]]:
+    """(steps, [step][layer] max/mean expert load) from pretrain metrics, whichever way the writer spelled it:
+    a list under a key with "load" in its name, or one scalar key per layer ending in the layer index."""
+    steps, rows = [], []
+    for i, r in enumerate(records):
+        row = None
+        for k, v in r.items():
+            if "load" in k and isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v):
+                row = [float(x) for x in v]
+                break
+        if row is None:
+            per = sorted(((int(k.rsplit("_", 1)[-1].rsplit("/", 1)[-1].rsplit(".", 1)[-1]), v) for k, v in r.items()
+                          if "load" in k and isinstance(v, (int, float)) and k[-1].isdigit()), key=lambda t: t[0])
+            row = [float(v) for _, v in per] or None
+        if row:
+            steps.append(r.get("step", i))
+            rows.append(row)
+    return steps, rows
+
+
+# ---- plots -------------------------------------------------------------------------------------------------------
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on a server or in CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_pretrain(records: list[dict], out: Path) -> bool:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = False
+    for what, style in (("loss", "-"), ("mtp_loss", "--"), ("val_loss", "o-")):
+        xs, ys = series(records, what)
+        if ys:
+            ax.plot(xs, ys, style, label=what, markersize=3)
+            drawn = True
+    if drawn:
+        ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="Pretraining loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return drawn
+
+
+def plot_rl(runs: dict[str, list[dict]], out: Path) -> bool:
+    plt = _plt()
+    panels = ("reward", "accuracy", "length", "kl")
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
+    drawn = False
+    for ax, what in zip(axes.flat, panels):
+        for stage, records in runs.items():
+            xs, ys = series(records, what)
+            if ys:
+                ax.plot(xs, ys, label=LABEL.get(stage, stage))
+                drawn = True
+        ax.set(xlabel="RL step", title={"reward": "mean reward", "accuracy": "strict accuracy",
+                                        "length": "mean completion length (tokens)",
+                                        "kl": "KL to the reference (k3)"}[what])
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    if drawn:
+        fig.tight_layout()
+        fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return drawn
+
+
+def plot_heatmap(matrix: list[list[float]], out: Path, title: str, xlabel: str, ylabel: str,
+                 xticks: list | None = None) -> bool:
+    if not matrix or not matrix[0]:
+        return False
+    import numpy as np
+
+    plt = _plt()
+    width = max(len(r) for r in matrix)
+    m = np.full((len(matrix), width), np.nan)
+    for i, r in enumerate(matrix):
+        m[i, : len(r)] = r
+    fig, ax = plt.subplots(figsize=(min(12, 2 + 0.5 * width) if xticks is None else 8, 1.5 + 0.45 * len(matrix)))
+    im = ax.imshow(m, aspect="auto", cmap="viridis", interpolation="nearest")
+    fig.colorbar(im, ax=ax)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.set_yticks(range(len(matrix)))
+    if xticks is not None:
+        idx = np.linspace(0, len(xticks) - 1, min(8, len(xticks))).astype(int)
+        ax.set_xticks(idx, [str(xticks[i]) for i in idx])
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_stage_costs(records: dict[str, dict], out: Path) -> bool:
+    names = [n for n in records if records[n].get("seconds") is not None]
+    if not names:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    axes[0].barh(names, [records[n]["seconds"] for n in names])
+    axes[0].set(xlabel="seconds", title="Wall-clock per stage")
+    axes[1].barh(names, [(records[n].get("tokens") or 0) / 1e6 for n in names])
+    axes[1].set(xlabel="million tokens", title="Tokens per stage (trained or generated)")
+    for ax in axes:
+        ax.invert_yaxis()
+        ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ---- markdown ------------------------------------------------------------------------------------------------------
+
+
+def pct(m) -> str:
+    if not isinstance(m, dict) or m.get("mean") is None:
+        return "–"
+    return f"{100 * m['mean']:.1f} [{100 * m['lo']:.0f}–{100 * m['hi']:.0f}]"
+
+
+def _mean(result: dict | None, split: str, task: str, metric: str) -> float | None:
+    m = ((result or {}).get("splits", {}).get(split, {}).get(task, {}) or {}).get(metric)
+    return m.get("mean") if isinstance(m, dict) else None
+
+
+def eval_table(evals: dict[str, dict], split: str) -> list[str]:
+    ks = sorted({j for r in evals.values() for j in (1, 4, r["config"]["k"]) if 1 < j <= r["config"]["k"]})
+    head = ["stage", "n", "pass@1", *[f"pass@{j}" for j in ks], "maj@k", "greedy", "format", "lenient",
+            "length", "len. correct / wrong"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for stage in EVAL_ORDER:
+        r = evals.get(stage)
+        a = (r or {}).get("splits", {}).get(split, {}).get("all")
+        if not a:
+            continue
+        lc, lw = a.get("length_correct"), a.get("length_wrong")
+        lens = f"{lc:.0f} / {lw:.0f}" if lc is not None and lw is not None else "–"
+        length = a.get("length", {}).get("mean")
+        lines.append("| " + " | ".join([
+            LABEL[stage], str(a["pass@1"]["n"]), pct(a["pass@1"]), *[pct(a.get(f"pass@{j}")) for j in ks],
+            pct(a["maj@k"]) + f" (k={r['config']['k']})", pct(a.get("greedy")), pct(a.get("format")),
+            pct(a.get("lenient")), "–" if length is None else f"{length:.0f}", lens]) + " |")
+    return lines
+
+
+def per_task_table(evals: dict[str, dict], split: str) -> list[str]:
+    stages = [s for s in EVAL_ORDER if s in evals and split in evals[s].get("splits", {})]
+    tasks = list(dict.fromkeys(t for s in stages for t in evals[s]["splits"][split] if t != "all"))
+    if not tasks:
+        return []
+    lines = ["| task | " + " | ".join(LABEL[s] for s in stages) + " |", "|" + "---|" * (len(stages) + 1)]
+    for t in tasks:
+        cells = []
+        for s in stages:
+            p1, g = _mean(evals[s], split, t, "pass@1"), _mean(evals[s], split, t, "greedy")
+            cells.append("–" if p1 is None else f"{100 * p1:.1f}" + ("" if g is None else f" / {100 * g:.0f}"))
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def goals(evals: dict[str, dict]) -> list[str]:
+    """Issue 4's goals at cpu-tiny, checked on the test split's pooled pass@1, whatever they show."""
+    def p(stage, metric="pass@1"):
+        return _mean(evals.get(stage), "test", "all", metric)
+
+    out = []
+
+    def goal(text, ok, detail):
+        mark = "—  not measured" if ok is None else ("**met**" if ok else "**not met**")
+        out.append(f"- {text}: {mark} ({detail})")
+
+    b, z = p("pretrain"), p("zero")
+    goal("R1-Zero raises held-out pass@1 by ≥ 20 points over the base",
+         None if None in (b, z) else (z - b) >= 0.20,
+         "missing stage" if None in (b, z) else f"base {100 * b:.1f} → R1-Zero {100 * z:.1f}, "
+         f"{100 * (z - b):+.1f} points")
+    bk, zk = _passk(evals.get("pretrain")), _passk(evals.get("zero"))
+    if bk and zk:
+        out.append(f"  - pass@{bk[0]}: base {100 * bk[1]:.1f} → R1-Zero {100 * zk[1]:.1f}. If pass@k rises about as "
+                   "much as pass@1, RL taught new solutions; if pass@k stays while pass@1 rises, RL sharpened the "
+                   "distribution onto answers the base could already sample.")
+    r, rf, zf = p("rl"), p("rl", "format"), p("zero", "format")
+    goal("R1 ≥ R1-Zero on pass@1, with a higher format rate",
+         None if None in (r, z, rf, zf) else (r >= z and rf > zf),
+         "missing stage" if None in (r, z, rf, zf) else f"pass@1 {100 * z:.1f} → {100 * r:.1f}; "
+         f"format {100 * zf:.1f} → {100 * rf:.1f}")
+    s, srl = p("distill"), p("student_rl")
+    goal("the distilled student reaches ≥ 90% of the teacher's pass@1",
+         None if None in (s, r) else (r > 0 and s >= 0.9 * r),
+         "missing stage" if None in (s, r) else f"student {100 * s:.1f} vs teacher {100 * r:.1f}"
+         + (f" = {100 * s / r:.0f}%" if r else ""))
+    goal("the distilled student beats the same student trained by RL alone",
+         None if None in (s, srl) else s > srl,
+         "missing stage" if None in (s, srl) else f"distilled {100 * s:.1f} vs RL-only {100 * srl:.1f}")
+    return out
+
+
+def _passk(result: dict | None) -> tuple[int, float] | None:
+    if not result:
+        return None
+    k = result["config"]["k"]
+    v = _mean(result, "test", "all", f"pass@{k}")
+    return None if v is None else (k, v)
+
+
+def _fmt_rss(b) -> str:
+    return "–" if not b else f"{b / 2**30:.2f} GiB"
+
+
+def _fmt_tokens(n) -> str:
+    if not n:
+        return "–"
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write RUN/report.md and RUN/plots/*.png from whatever the run directory holds. Returns report.md's path."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: no such run directory; run `nanoseek speedrun --out {run}` first")
+    plots = run / "plots"
+    plots.mkdir(exist_ok=True)
+    present = {d: (run / d).is_dir() for d, _, _ in STAGES}
+    stage_rec = {d: read_json(run / d / "stage.json") for d, _, _ in STAGES}
+    evals = {s: r for s in EVAL_ORDER if (r := read_json(run / "eval" / f"{s}.json"))}
+    metrics = {d: read_jsonl(run / d / "metrics.jsonl") for d, _, _ in STAGES}
+    speed = read_json(run / "speedrun.json") or {}
+
+    md = [f"# nanoseek report: `{run.name}`", ""]
+    preset = speed.get("preset")
+    md.append(f"Run directory `{run}`" + (f", preset `{preset}`" if preset else "")
+              + f". Written {time.strftime('%Y-%m-%d %H:%M')} by `nanoseek report`.")
+    md.append("")
+    missing = [LABEL[d] + f" (`{d}/`)" for d, _, _ in STAGES if not present[d]]
+    not_eval = [LABEL[s] for s in EVAL_ORDER if present.get(s) and s not in evals]
+    md.append("The pipeline: tasks → tokenizer → pretrain (base) → R1-Zero → cold-start SFT → R1 → distillation "
+              "into a small dense student, with the same student trained by RL alone as the comparison arm.")
+    md.append("")
+    if missing:
+        md.append(f"**Missing stages** (no output directory): {', '.join(missing)}.")
+    else:
+        md.append("All stages are present.")
+    if not_eval:
+        md.append(f"Present but not evaluated (no `eval/<stage>.json`): {', '.join(not_eval)}.")
+    md.append("")
+
+    # ---- stages: what each cost
+    md += ["## Stages", "", "| stage | directory | status | seconds | tokens | peak RSS | key figure |",
+           "|---|---|---|---|---|---|---|"]
+    costs = {}
+    for d, label, what in STAGES:
+        rec = stage_rec[d] or {}
+        status = "done" if rec else ("present" if present[d] else "missing")
+        md.append(f"| {label} — {what} | `{d}/` | {status} | "
+                  f"{'–' if rec.get('seconds') is None else format(rec['seconds'], '.1f')} | "
+                  f"{_fmt_tokens(rec.get('tokens'))} | {_fmt_rss(rec.get('peak_rss'))} | {rec.get('figure') or '–'} |")
+        if rec:
+            costs[label] = rec
+    for extra in ("tasks", "eval"):
+        rec = read_json(run / extra / "stage.json") if extra != "eval" else (speed.get("stages", {}).get("eval"))
+        if rec:
+            costs[extra] = rec
+    total = speed.get("seconds") or sum(r.get("seconds") or 0 for r in costs.values())
+    md += ["", f"Total wall-clock: {total:.0f} s ({total / 60:.1f} min)." if total else "", ""]
+    if plot_stage_costs(costs, plots / "stages.png"):
+        md += ["![wall-clock and tokens per stage](plots/stages.png)", ""]
+
+    # ---- pretraining
+    md += ["## Pretraining (the base model)", ""]
+    pre = metrics["pretrain"]
+    if pre:
+        xs, ys = series(pre, "loss")
+        vx, vy = series(pre, "val_loss")
+        line = f"{len(pre)} logged steps; train loss {ys[0]:.3f} → {ys[-1]:.3f}" if ys else f"{len(pre)} records"
+        if vy:
+            line += f"; val loss {vy[-1]:.3f} at step {vx[-1]}"
+        md += [line + ".", ""]
+        if plot_pretrain(pre, plots / "pretrain_loss.png"):
+            md += ["![pretraining loss](plots/pretrain_loss.png)", ""]
+        steps, rows = layer_loads(pre)
+        if rows:
+            matrix = [list(col) for col in zip(*rows)]  # [layer][step]
+            if plot_heatmap(matrix, plots / "expert_load_steps.png", "max/mean expert load per MoE layer over "
+                            "pretraining (1.0 = perfectly balanced)", "step", "MoE layer", xticks=steps):
+                md += ["Auxiliary-loss-free balancing at work: each row is one MoE layer, the colour its most "
+                       "loaded expert's share relative to the mean (1 = balanced).", "",
+                       "![expert load over pretraining](plots/expert_load_steps.png)", ""]
+    else:
+        md += ["No `pretrain/metrics.jsonl`: the pretraining stage is missing or wrote no metrics.", ""]
+    loads = [(s, evals[s]["expert_load"]) for s in EVAL_ORDER if s in evals and evals[s].get("expert_load")]
+    for s, load in loads:
+        rel = [[x / max(sum(r) / len(r), 1e-9) for x in r] for r in load]  # tokens per expert / mean per layer
+        name = f"expert_load_{s}.png"
+        if plot_heatmap(rel, plots / name, f"{LABEL[s]}: tokens per routed expert / layer mean, on eval prompts",
+                        "routed expert", "MoE layer"):
+            worst = max(max(r) for r in rel)
+            md += [f"Expert load of **{LABEL[s]}** while answering the eval questions (max/mean {worst:.2f}):", "",
+                   f"![expert load, {LABEL[s]}](plots/{name})", ""]
+
+    # ---- RL
+    md += ["## Reinforcement learning", ""]
+    rl_runs = {s: metrics[s] for s in RL_STAGES if metrics[s]}
+    if rl_runs:
+        for s, recs in rl_runs.items():
+            parts = []
+            for what in ("reward", "accuracy", "length", "kl"):
+                _, ys = series(recs, what)
+                if ys:
+                    parts.append(f"{what} {ys[0]:.3g} → {ys[-1]:.3g}")
+            md.append(f"- **{LABEL[s]}** ({len(recs)} steps): " + ("; ".join(parts) or "no known metrics"))
+        md += ["", "R1-Zero's signature is accuracy and response length rising together; KL shows how far each "
+               "policy moved from its reference.", ""]
+        if plot_rl(rl_runs, plots / "rl.png"):
+            md += ["![RL curves](plots/rl.png)", ""]
+    else:
+        md += ["No RL metrics yet (`zero/`, `rl/`, `student_rl/` missing or empty).", ""]
+
+    # ---- eval
+    md += ["## Evaluation", ""]
+    if evals:
+        cfg = next(iter(evals.values()))["config"]
+        md += [f"k = {cfg['k']} samples per question at temperature {cfg['temperature']}, top-p {cfg['top_p']}, "
+               f"at most {cfg['max_tokens']} tokens; pass@1 is averaged over the k samples, pass@j is the unbiased "
+               "estimator of Chen et al. (2021), maj@k the majority answer, greedy one temperature-0 sample. "
+               "Accuracy is strict (the answer inside `<answer>` after `</think>`); lenient takes the last number "
+               "anywhere. Percentages with 95% bootstrap intervals over questions.", ""]
+        splits = list(dict.fromkeys(sp for r in evals.values() for sp in r.get("splits", {})))
+        for sp in splits:
+            title = {"test": "Held-out test split", "ood": "Out-of-distribution split (harder difficulty)"}.get(sp, sp)
+            md += [f"### {title}", ""] + eval_table(evals, sp) + [""]
+            per = per_task_table(evals, sp)
+            if per:
+                md += [f"Per task, {sp} split: pass@1 / greedy (%).", ""] + per + [""]
+        missing_eval = [LABEL[s] for s in EVAL_ORDER if s not in evals]
+        if missing_eval:
+            md += [f"Not evaluated: {', '.join(missing_eval)}.", ""]
+        ex = next((evals[s].get("examples") for s in reversed(EVAL_ORDER) if s in evals and evals[s].get("examples")),
+                  None)
+        if ex:
+            md += ["One sampled answer of the last evaluated stage:", "", "```",
+                   f"Q: {ex[0]['question']}   (expected {ex[0]['answer']})", ex[0]["completion"][:600], "```", ""]
+    else:
+        md += ["No eval results (`eval/<stage>.json`) yet.", ""]
+
+    # ---- goals
+    md += ["## Goals (issue 4, at cpu-tiny)", ""] + goals(evals) + [""]
+    md += ["## Files", "", f"Plots in `{plots.name}/`; per-step metrics in each stage's `metrics.jsonl`; eval "
+           "results in `eval/<stage>.json`; stage logs in `logs/`.", ""]
+    out = run / "report.md"
+    tmp = out.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(md))
+    tmp.replace(out)
+    return out
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="the run directory, e.g. runs/cpu-tiny")
+
+
+def run(args) -> int:
+    out = write_report(args.run_dir)
+    print(f"report: {out}")
+    return 0
