@@ -8,9 +8,8 @@ Objective per token t of completion i (ρ = π_θ/π_old, A_i shared by every to
 
     L_it = -min(ρ A_i, clip(ρ, 1-ε_low, 1+ε_high) A_i) + β·KL_it,   KL_it = π_ref/π_θ - log(π_ref/π_θ) - 1  (k3)
 
-(kl_bias_correction = True multiplies KL_it by ρ, as DeepSeek-V3.2 does and TRL 1.16 does by default.)
-
-and the loss_type says how the L_it are averaged (mask m_it marks real completion tokens):
+(kl_bias_correction = True multiplies KL_it by ρ, as DeepSeek-V3.2 does and TRL 1.16 does by default.) The
+loss_type says how the L_it are averaged (mask m_it marks real completion tokens):
 
     grpo     mean_i ( Σ_t m L / Σ_t m )          the paper: per-sequence mean, then mean over sequences
     bnpo     Σ_it m L / Σ_it m                   token-level over the (micro-)batch
