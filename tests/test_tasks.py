@@ -187,7 +187,7 @@ def test_splits_are_disjoint_deduplicated_and_deterministic():
     for split, n in SIZES.items():
         assert len(s[split]) == n * len(names), split
     q = {k: [e["question"].strip() for e in v] for k, v in s.items()}
-    for split in q:
+    for split in ("val", "test", "ood"):  # train is sampled with replacement (see make_splits)
         assert len(set(q[split])) == len(q[split]), f"duplicates inside {split}"
     assert not set(q["test"]) & set(q["train"])
     assert not set(q["test"]) & set(q["val"])
@@ -208,12 +208,13 @@ def test_dedup_actually_removes_collisions():
     assert not {e["question"] for e in s["test"]} & {e["question"] for e in s["train"]}
 
 
-def test_small_task_space_fails_loudly_for_held_out_splits():
-    with pytest.raises(ValueError, match="distinct questions"):
-        tasks.make_splits(["mul"], {"test": 2000}, seed=0, difficulty=1)
-    with pytest.warns(UserWarning, match="distinct questions"):
-        s = tasks.make_splits(["mul"], {"train": 2000}, seed=0, difficulty=1)
-    assert 0 < len(s["train"]) < 2000
+def test_small_task_space_fails_loudly_for_held_out_splits_and_train_resamples():
+    with pytest.raises(ValueError, match="too few distinct questions"):
+        tasks.make_splits(["mul"], {"test": 2000}, seed=0, difficulty=1)  # ~800 products of 1-2 x 1 digits
+    s = tasks.make_splits(["mul"], {"train": 2000, "test": 300}, seed=0, difficulty=1)
+    train = [e["question"] for e in s["train"]]
+    assert len(train) == 2000 and len(set(train)) < 2000  # sampled with replacement from what is left
+    assert not set(train) & {e["question"] for e in s["test"]}
 
 
 def test_random_module_state_untouched():

@@ -1,7 +1,7 @@
 """Linear equations in one unknown with an integer solution, solved by moving terms then dividing.
 
-Level 1: a*x + b = c with small positive numbers (2-5, 0-9); level 2: negative numbers; level 3 and up:
-x on both sides, a*x + b = c*x + d, with coefficients growing with the level.
+Level 1: a*x + b = c with small positive numbers (a 2-9, x 0-9, b 1-19, c < 100); level 2: negative numbers;
+level 3 and up: x on both sides, a*x + b = c*x + d, with coefficients growing with the level.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ class Linear(Task):
 
     def make(self, rng: random.Random, difficulty: int) -> dict:
         if difficulty == 1:
-            a, x, b = rng.randint(2, 5), rng.randint(0, 9), rng.randint(1, 9)
+            a, x = rng.randint(2, 9), rng.randint(0, 9)
+            b = rng.randint(1, min(19, 99 - a * x))  # keep every number below 100
             c_, d = 0, a * x + b
         else:
             m = 3 * difficulty
