@@ -46,7 +46,7 @@ class EvalConfig:
 
     tasks: list[str] = field(default_factory=list)  # empty: the data section's tasks
     splits: list[str] = field(default_factory=lambda: ["test", "ood"])  # held-out test, harder out-of-distribution
-    n_questions: int = 64  # per task per split; at most the data section's split size (larger would leak train)
+    n_questions: int = 64  # per task per split (capped by the data section's split size)
     k: int = 8  # samples per question (pass@1 averaged over k, pass@j for j in {1, 4, k}, maj@k)
     temperature: float = 0.6  # R1's evaluation setting
     top_p: float = 0.95
@@ -203,29 +203,25 @@ def summarize(results: Sequence[QuestionResult], k: int, pass_ks: Sequence[int],
 
 
 def eval_questions(cfg: EvalConfig, preset) -> dict[str, list[dict]]:
-    """{split: entries} — the data section's held-out splits, the first n_questions per task of each.
+    """{split: entries} — the first n_questions per task of the data section's held-out splits.
 
-    Splits are prefix-stable and held-out splits are filled before train (nanoseek/tasks/splits.py), so asking
-    for the data section's split sizes reproduces exactly the questions training kept out; asking for MORE than
-    that could reach questions the train split used, so it is refused."""
-    from nanoseek import tasks
+    These are `nanoseek.data.splits`, the very splits training drew from (same seed and difficulty), filled before
+    train and deduplicated against it, so no eval question was trained on."""
+    from nanoseek import data
 
-    data = preset.section("data")
-    names = cfg.tasks or list(data.tasks)
-    sizes = {"test": data.test_size, "ood": data.ood_size, "val": data.val_size}
-    for s in cfg.splits:
-        if cfg.n_questions > sizes[s]:
-            raise ConfigError(f"eval.n_questions={cfg.n_questions} exceeds data.{s}_size={sizes[s]}: the extra "
-                              f"questions could be in the train split; lower eval.n_questions or raise "
-                              f"data.{s}_size (and retrain)")
-    splits = tasks.make_splits(names, {s: sizes[s] for s in sizes}, seed=data.seed, difficulty=data.difficulty,
-                               ood_difficulty=data.ood_difficulty)
+    data_cfg = preset.section("data")
+    if cfg.tasks:
+        data_cfg.tasks = list(cfg.tasks)  # a subset of tasks keeps each task's own split (splits are per task)
+    splits = data.splits(data_cfg)
     out = {}
     for s in cfg.splits:
         by_task: dict[str, list[dict]] = {}
         for e in splits[s]:
             by_task.setdefault(e["task"], []).append(e)
-        out[s] = [e for name in names for e in by_task.get(name, [])[: cfg.n_questions]]
+        out[s] = [e for name in data_cfg.tasks for e in by_task.get(name, [])[: cfg.n_questions]]
+        if not out[s]:
+            raise ConfigError(f"the {s} split is empty (data.{s}_size={getattr(data_cfg, s + '_size')}); raise it "
+                              f"or drop {s} from eval.splits")
     return out
 
 
@@ -280,9 +276,9 @@ def evaluate(model, tokenizer, entries_by_split: dict[str, list[dict]], cfg: Eva
 def prompt_ids(tokenizer, question: str) -> list[int]:
     """The R1 prompt every RL stage trains on: one user turn asking for <think> then <answer>, then the
     generation prompt `<｜Assistant｜><think>\\n`."""
-    from nanoseek.tokenizer import r1_prompt
+    from nanoseek.data import prompt_messages
 
-    return tokenizer.encode_chat([{"role": "user", "content": r1_prompt(question)}])
+    return tokenizer.encode_chat(prompt_messages({"question": question}, r1=True))
 
 
 def _prompt_opens_think(tokenizer, ids: list[int]) -> bool:

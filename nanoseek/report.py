@@ -78,24 +78,25 @@ def series(records: list[dict], what: str) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
-def layer_loads(records: list[dict]) -> tuple[list[int], list[list[float]]]:
-    """(steps, [step][layer] max/mean expert load) from pretrain metrics, whichever way the writer spelled it:
-    a list under a key with "load" in its name, or one scalar key per layer ending in the layer index."""
-    steps, rows = [], []
+def layer_loads(records: list[dict]) -> tuple[list[int], list[str], list[list[float]]]:
+    """(steps, layer names, [step][layer] max/mean expert load) from pretrain metrics: the `load_max_mean` record
+    ({layer name: ratio}, as nanoseek/train/pretrain.py writes it), or a plain list under a key with "load"."""
+    steps, names, rows = [], [], []
     for i, r in enumerate(records):
-        row = None
-        for k, v in r.items():
-            if "load" in k and isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v):
-                row = [float(x) for x in v]
-                break
-        if row is None:
-            per = sorted(((int(k.rsplit("_", 1)[-1].rsplit("/", 1)[-1].rsplit(".", 1)[-1]), v) for k, v in r.items()
-                          if "load" in k and isinstance(v, (int, float)) and k[-1].isdigit()), key=lambda t: t[0])
-            row = [float(v) for _, v in per] or None
-        if row:
-            steps.append(r.get("step", i))
-            rows.append(row)
-    return steps, rows
+        v = r.get("load_max_mean")
+        if v is None:
+            v = next((x for k, x in r.items() if "load" in k and isinstance(x, (list, dict)) and x), None)
+        if isinstance(v, dict) and v:
+            names = list(v)
+            row = [float(x) for x in v.values()]
+        elif isinstance(v, list) and v:
+            names = [f"moe{j}" for j in range(len(v))]
+            row = [float(x) for x in v]
+        else:
+            continue
+        steps.append(r.get("step", i))
+        rows.append(row)
+    return steps, names, rows
 
 
 # ---- plots -------------------------------------------------------------------------------------------------------
@@ -154,7 +155,7 @@ def plot_rl(runs: dict[str, list[dict]], out: Path) -> bool:
 
 
 def plot_heatmap(matrix: list[list[float]], out: Path, title: str, xlabel: str, ylabel: str,
-                 xticks: list | None = None) -> bool:
+                 xticks: list | None = None, ylabels: list[str] | None = None) -> bool:
     if not matrix or not matrix[0]:
         return False
     import numpy as np
@@ -168,7 +169,7 @@ def plot_heatmap(matrix: list[list[float]], out: Path, title: str, xlabel: str, 
     im = ax.imshow(m, aspect="auto", cmap="viridis", interpolation="nearest")
     fig.colorbar(im, ax=ax)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    ax.set_yticks(range(len(matrix)))
+    ax.set_yticks(range(len(matrix)), ylabels if ylabels and len(ylabels) == len(matrix) else None)
     if xticks is not None:
         idx = np.linspace(0, len(xticks) - 1, min(8, len(xticks))).astype(int)
         ax.set_xticks(idx, [str(xticks[i]) for i in idx])
@@ -365,11 +366,12 @@ def write_report(run_dir: str | Path) -> Path:
         md += [line + ".", ""]
         if plot_pretrain(pre, plots / "pretrain_loss.png"):
             md += ["![pretraining loss](plots/pretrain_loss.png)", ""]
-        steps, rows = layer_loads(pre)
+        steps, names, rows = layer_loads(pre)
         if rows:
             matrix = [list(col) for col in zip(*rows)]  # [layer][step]
             if plot_heatmap(matrix, plots / "expert_load_steps.png", "max/mean expert load per MoE layer over "
-                            "pretraining (1.0 = perfectly balanced)", "step", "MoE layer", xticks=steps):
+                            "pretraining (1.0 = perfectly balanced)", "step", "MoE layer", xticks=steps,
+                            ylabels=names):
                 md += ["Auxiliary-loss-free balancing at work: each row is one MoE layer, the colour its most "
                        "loaded expert's share relative to the mean (1 = balanced).", "",
                        "![expert load over pretraining](plots/expert_load_steps.png)", ""]

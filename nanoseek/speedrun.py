@@ -1,0 +1,417 @@
+"""`nanoseek speedrun`: the whole pipeline in one command, resumable stage by stage.
+
+    nanoseek speedrun                                  # cpu-tiny into runs/cpu-tiny (what `bash run.sh` does)
+    nanoseek speedrun --preset smoke --out /tmp/smoke  # every stage in seconds (CI)
+    nanoseek speedrun --out runs/a --until pretrain    # stop after a stage
+    nanoseek speedrun --out runs/a --redo rl           # rerun rl and everything after it
+
+    tasks → tokenizer → pretrain → zero (R1-Zero) → sft → rl (R1) → student_base → distill → student_rl
+          → eval (every model) → report
+
+Each stage writes `RUN/<stage>/`; when it finishes, the speedrun writes `RUN/<stage>/stage.json` (seconds,
+tokens, peak RSS, key figure), the completion marker: a stage with one is skipped on the next run. A stage that
+crashed (its directory but no marker) is resumed with `--resume` when its command has that flag (pretraining does,
+from its newest complete checkpoint), and otherwise started again from an empty directory.
+
+Why subprocesses: each stage runs as `python -m nanoseek <command> …`, the very command a person would type, so
+the speedrun proves each stage's CLI and never depends on state a previous stage left in memory. A stage's peak RSS
+is its own process's (os.wait4 gives it per child), its memory is returned to the OS when it ends (a 2-core, 8 GiB
+budget has no room for a pretraining's allocator cache lingering through RL), and a crash in one stage leaves the
+orchestrator alive to say which stage failed and where its log is. The price, about a second of Python + torch
+import per stage, is under 2% of the cpu-tiny budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nanoseek.config import ConfigError, load_preset
+
+
+@dataclass
+class SpeedrunConfig:
+    """The [speedrun] section."""
+
+    evaluate: list[str] = field(default_factory=lambda: ["pretrain", "zero", "sft", "rl", "student_base",
+                                                         "distill", "student_rl"])  # stages whose model is evaluated
+    student_rl: bool = True  # run the RL-only student arm (the paper's "distillation beats RL on a small model")
+    budget_minutes: float = 20.0  # printed against the total; exceeding it is reported, not fatal
+    budget_rss_gib: float = 8.0  # the same for the largest stage's peak RSS
+
+    def __post_init__(self):
+        unknown = [s for s in self.evaluate if s not in MODEL_STAGES]
+        if unknown:
+            raise ConfigError(f"speedrun.evaluate: unknown stage(s) {unknown}; choose from {', '.join(MODEL_STAGES)}")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage: a `nanoseek` subcommand run as a subprocess (or, for `command=None`, a step the
+    speedrun does itself). `args` may use {run} (the run directory) and {model:<stage>} (that stage's checkpoint)."""
+
+    name: str  # its directory under the run dir
+    command: str | None
+    args: tuple[str, ...] = ()
+    model: str | None = None  # the checkpoint it leaves, relative to the run dir (None: no model)
+    figure: Callable[[Path], str] | None = None  # the key figure of its progress line, read from its outputs
+
+
+def _last(path: Path, *keys: str) -> dict:
+    """The last metrics.jsonl record that has all of `keys` (or {})."""
+    from nanoseek.report import read_jsonl
+
+    return next((r for r in reversed(read_jsonl(path / "metrics.jsonl")) if all(k in r for k in keys)), {})
+
+
+def _fig_tokenizer(d: Path) -> str:
+    from nanoseek.tokenizer import load_tokenizer
+
+    return f"vocab {load_tokenizer(d).vocab_size}"
+
+
+def _fig_train(d: Path) -> str:
+    r = _last(d, "loss")
+    v = _last(d, "val_loss")
+    s = f"loss {r['loss']:.3f}" if r else "no metrics"
+    return s + (f", val {v['val_loss']:.3f}" if v else "")
+
+
+def _fig_rl(d: Path) -> str:
+    from nanoseek.report import KEYS
+
+    r = _last(d)
+    parts = []
+    for what in ("reward", "accuracy", "length"):
+        k = next((k for k in KEYS[what] if isinstance(r.get(k), (int, float))), None)
+        if k:
+            parts.append(f"{what} {r[k]:.3g}")
+    return ", ".join(parts) or "no metrics"
+
+
+STAGES: list[Stage] = [
+    Stage("tasks", None, figure=lambda d: (d / "figure.txt").read_text()),
+    Stage("tokenizer", "tokenizer", ("--out", "{run}/tokenizer"), figure=_fig_tokenizer),
+    Stage("pretrain", "pretrain", ("--out", "{run}/pretrain", "--tokenizer", "{run}/tokenizer"), model="pretrain/model",
+          figure=_fig_train),
+    Stage("zero", "rl", ("--zero", "--model", "{model:pretrain}", "--out", "{run}/zero"), model="zero/model",
+          figure=_fig_rl),
+    Stage("sft", "sft", ("--model", "{model:pretrain}", "--traces-from", "{model:zero}", "--out", "{run}/sft"),
+          model="sft/model", figure=_fig_train),
+    Stage("rl", "rl", ("--model", "{model:sft}", "--out", "{run}/rl"), model="rl/model", figure=_fig_rl),
+    Stage("student_base", "pretrain", ("--student", "--out", "{run}/student_base", "--tokenizer", "{run}/tokenizer"),
+          model="student_base/model", figure=_fig_train),
+    Stage("distill", "distill", ("--teacher", "{model:rl}", "--student", "{model:student_base}", "--out",
+                                 "{run}/distill"), model="distill/model", figure=_fig_train),
+    Stage("student_rl", "rl", ("--model", "{model:student_base}", "--out", "{run}/student_rl"),
+          model="student_rl/model", figure=_fig_rl),
+]
+BY_NAME = {s.name: s for s in STAGES}
+MODEL_STAGES = [s.name for s in STAGES if s.model]
+ORDER = [s.name for s in STAGES] + ["eval", "report"]
+
+
+# ---- bookkeeping -------------------------------------------------------------------------------------------------
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)  # atomic: the marker exists completely or not at all
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def model_dir(run: Path, stage: str) -> Path:
+    return run / BY_NAME[stage].model
+
+
+def expand(arg: str, run: Path) -> str:
+    if arg.startswith("{model:"):
+        return str(model_dir(run, arg[len("{model:"):-1]))
+    return arg.replace("{run}", str(run))
+
+
+def has_flag(command: str, flag: str) -> bool:
+    """Does `nanoseek <command>` accept `flag`? Asked of the command's own argument parser."""
+    from nanoseek.cli import COMMANDS
+
+    p = argparse.ArgumentParser()
+    importlib.import_module(COMMANDS[command][0]).add_args(p)
+    return any(flag in a.option_strings for a in p._actions)
+
+
+def check_available(stages: list[Stage]) -> None:
+    """Fail before spending any time if a stage's command is not implemented yet (naming the stage and file)."""
+    from nanoseek.cli import COMMANDS
+
+    missing = []
+    for s in stages:
+        if s.command is None:
+            continue
+        mod = COMMANDS[s.command][0]
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if not (e.name and mod.startswith(e.name)):
+                raise
+            missing.append(f"{s.name} (`nanoseek {s.command}`: {mod.replace('.', '/')}.py does not exist yet)")
+            continue
+        if not (hasattr(m, "add_args") and hasattr(m, "run")):
+            missing.append(f"{s.name} (`nanoseek {s.command}`: {mod} has no add_args/run yet)")
+            continue
+        flags = [a for a in s.args if a.startswith("--")]
+        lacking = [f for f in flags if not has_flag(s.command, f)]
+        if lacking:
+            missing.append(f"{s.name} (`nanoseek {s.command}` does not accept {', '.join(lacking)} yet)")
+    if missing:
+        raise ConfigError("the pipeline cannot run: missing stage(s): " + "; ".join(missing)
+                          + ". Run the stages before them with --until, or wait for these to land.")
+
+
+# ---- running one stage -------------------------------------------------------------------------------------------
+
+
+def run_subprocess(argv: list[str], log: Path) -> tuple[int, float, int]:
+    """Run `python -m nanoseek argv` with output to `log`; (exit code, seconds, peak RSS in bytes of that child)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    t0 = time.perf_counter()
+    with open(log, "a") as f:
+        f.write(f"\n$ nanoseek {' '.join(argv)}\n")
+        f.flush()
+        p = subprocess.Popen([sys.executable, "-m", "nanoseek", *argv], stdout=f, stderr=subprocess.STDOUT, env=env)
+        try:
+            _, status, usage = os.wait4(p.pid, 0)  # wait4, not p.wait(): it returns this child's own rusage
+        except KeyboardInterrupt:
+            p.terminate()
+            p.wait()
+            raise
+        p.returncode = os.waitstatus_to_exitcode(status)
+    return p.returncode, time.perf_counter() - t0, usage.ru_maxrss * 1024  # Linux reports kilobytes
+
+
+def tail(log: Path, n: int = 25) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
+    except FileNotFoundError:
+        return ""
+
+
+def stage_tokens(d: Path) -> int | None:
+    """Tokens a stage trained on (the loop's cumulative `tokens`) plus tokens it generated, if it logged them."""
+    from nanoseek.report import read_jsonl
+
+    recs = read_jsonl(d / "metrics.jsonl")
+    trained = next((r["tokens"] for r in reversed(recs) if isinstance(r.get("tokens"), int)), 0)
+    generated = sum(r.get(k, 0) for r in recs for k in ("generated_tokens", "rollout_tokens")
+                    if isinstance(r.get(k), (int, float)))
+    return int(trained + generated) or None
+
+
+def run_tasks_stage(run: Path, preset) -> str:
+    """The task splits the whole run uses, written down (and checked) before any training."""
+    from nanoseek import data
+
+    cfg = preset.section("data")
+    sp = data.splits(cfg)
+    d = run / "tasks"
+    d.mkdir(parents=True, exist_ok=True)
+    per = {s: {t: sum(e["task"] == t for e in es) for t in cfg.tasks} for s, es in sp.items()}
+    examples = {t: next(({"question": e["question"], "answer": e["answer"]} for e in sp["train"] if e["task"] == t),
+                        None) for t in cfg.tasks}
+    write_json(d / "splits.json", {"tasks": cfg.tasks, "difficulty": cfg.difficulty,
+                                   "ood_difficulty": cfg.ood_difficulty, "per_split": per, "examples": examples})
+    fig = f"{len(cfg.tasks)} tasks, " + " / ".join(f"{len(es)} {s}" for s, es in sp.items())
+    (d / "figure.txt").write_text(fig)
+    return fig
+
+
+class Speedrun:
+    def __init__(self, run: Path, preset_name: str, sets: list[str], until: str | None = None,
+                 redo: str | None = None, quiet: bool = False):
+        self.run, self.preset_name, self.sets = run, preset_name, sets
+        self.preset = load_preset(preset_name, sets)
+        self.cfg: SpeedrunConfig = self.preset.section("speedrun")
+        self.until, self.redo, self.quiet = until, redo, quiet
+        self.logs = run / "logs"
+        self.state_path = run / "speedrun.json"
+
+    def say(self, text: str, end: str = "\n") -> None:
+        if not self.quiet:
+            print(text, end=end, flush=True)
+
+    def stages(self) -> list[str]:
+        names = [n for n in ORDER if n != "student_rl" or self.cfg.student_rl]
+        if self.until:
+            names = names[: names.index(self.until) + 1]
+        return names
+
+    def check_same_config(self) -> dict:
+        state = read_json(self.state_path) or {}
+        if state and (state.get("preset") != self.preset_name or state.get("sets", []) != self.sets):
+            raise ConfigError(f"{self.run} was started with --preset {state.get('preset')} "
+                              f"{' '.join('--set ' + s for s in state.get('sets', []))}; resuming it with other "
+                              "settings would mix two runs. Use the same settings, or a new --out")
+        return state
+
+    def invalidate_from(self, name: str) -> None:
+        """--redo: drop the markers of `name` and every stage after it (their outputs are redone)."""
+        names = ORDER[ORDER.index(name):]
+        for n in names:
+            if n in BY_NAME:
+                (self.run / n / "stage.json").unlink(missing_ok=True)
+            if n == "eval":
+                shutil.rmtree(self.run / "eval", ignore_errors=True)
+        if "eval" not in names:  # models after `name` change, so their evals are stale
+            for n in names:
+                (self.run / "eval" / f"{n}.json").unlink(missing_ok=True)
+
+    def execute(self) -> int:
+        self.run.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(exist_ok=True)
+        state = self.check_same_config()
+        if self.redo:
+            self.invalidate_from(self.redo)
+        names = self.stages()
+        check_available([BY_NAME[n] for n in names if n in BY_NAME])
+        state.update(preset=self.preset_name, sets=self.sets, preset_path=str(self.preset.path))
+        state.setdefault("stages", {})
+        t_start = time.perf_counter()
+        self.say(f"speedrun: preset {self.preset_name} -> {self.run} (logs in {self.logs}/)")
+        for i, name in enumerate(names, 1):
+            prefix = f"[{i:2d}/{len(names)}] {name:<12s}"
+            if name == "eval":
+                rec = self.eval_all(prefix)
+            elif name == "report":
+                from nanoseek.report import write_report
+
+                t0 = time.perf_counter()
+                state["seconds"] = sum((r or {}).get("seconds") or 0 for r in state["stages"].values())
+                write_json(self.state_path, state)
+                out = write_report(self.run)
+                rec = {"seconds": time.perf_counter() - t0, "figure": str(out)}
+                self.say(f"{prefix} {rec['seconds']:7.1f}s  {out}")
+            else:
+                rec = self.run_stage(BY_NAME[name], prefix)
+            if rec is None:
+                return 1
+            state["stages"][name] = rec
+            write_json(self.state_path, state)
+        wall = time.perf_counter() - t_start
+        total = sum((r or {}).get("seconds") or 0 for r in state["stages"].values())
+        peak = max(((r or {}).get("peak_rss") or 0 for r in state["stages"].values()), default=0)
+        state["seconds"] = total
+        write_json(self.state_path, state)
+        self.say(f"speedrun: done in {wall:.0f}s this session; all stages {total:.0f}s = {total / 60:.1f} min "
+                 f"(budget {self.cfg.budget_minutes:g}), largest peak RSS {peak / 2**30:.2f} GiB "
+                 f"(budget {self.cfg.budget_rss_gib:g}); report: {self.run / 'report.md'}")
+        if total > 60 * self.cfg.budget_minutes or peak > self.cfg.budget_rss_gib * 2**30:
+            self.say("speedrun: OVER BUDGET (see the stage table in report.md)")
+        return 0
+
+    def run_stage(self, stage: Stage, prefix: str) -> dict | None:
+        d = self.run / stage.name
+        marker = d / "stage.json"
+        done = read_json(marker)
+        if done is not None:
+            self.say(f"{prefix} done earlier ({done.get('seconds', 0):.1f}s)  {done.get('figure', '')}")
+            return done
+        self.say(f"{prefix} ", end="")
+        if stage.command is None:
+            t0 = time.perf_counter()
+            fig = run_tasks_stage(self.run, self.preset)
+            rec = {"seconds": time.perf_counter() - t0, "tokens": None, "peak_rss": None, "figure": fig}
+        else:
+            argv = [stage.command, *[expand(a, self.run) for a in stage.args], "--preset", self.preset_name]
+            for s in self.sets:
+                argv += ["--set", s]
+            resumed = False
+            if d.exists():
+                if has_flag(stage.command, "--resume"):
+                    argv.append("--resume")
+                    resumed = True
+                else:
+                    shutil.rmtree(d)  # an unfinished stage without resume support starts over, from clean
+            code, secs, rss = run_subprocess(argv, self.logs / f"{stage.name}.log")
+            if code != 0:
+                self.say(f"FAILED (exit {code} after {secs:.0f}s)")
+                self.say(tail(self.logs / f"{stage.name}.log"))
+                self.say(f"speedrun: stage {stage.name} failed; its log: {self.logs / (stage.name + '.log')}. Fix the "
+                         "cause and rerun the same command: finished stages are skipped and this one resumes.")
+                return None
+            if stage.model and not (self.run / stage.model / "config.json").is_file():
+                self.say(f"FAILED: exited 0 but left no checkpoint at {self.run / stage.model}")
+                return None
+            try:
+                fig = stage.figure(d) if stage.figure else ""
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                fig = f"(no key figure: {e})"
+            rec = {"seconds": secs, "tokens": stage_tokens(d), "peak_rss": rss, "figure": fig,
+                   "resumed": resumed, "command": "nanoseek " + " ".join(argv)}
+        d.mkdir(parents=True, exist_ok=True)
+        write_json(marker, rec)
+        extra = [f"{rec['tokens'] / 1e6:.2f}M tok" if rec.get("tokens") else "",
+                 f"peak {rec['peak_rss'] / 2**30:.2f} GiB" if rec.get("peak_rss") else ""]
+        extra = ", ".join(x for x in extra if x)
+        self.say(f"{rec['seconds']:7.1f}s  {rec['figure']}" + (f"  ({extra})" if extra else ""))
+        return rec
+
+    def eval_all(self, prefix: str) -> dict | None:
+        """`nanoseek eval` on every finished model stage; each result file is its own completion marker."""
+        from nanoseek.eval import headline
+
+        ev = self.run / "eval"
+        ev.mkdir(exist_ok=True)
+        todo = [s for s in self.cfg.evaluate if s in self.stages() and read_json(self.run / s / "stage.json")]
+        secs, peak, figs = 0.0, 0, []
+        self.say(f"{prefix} ", end="")
+        for s in todo:
+            out = ev / f"{s}.json"
+            result = read_json(out)
+            if result is None:
+                argv = ["eval", "--model", str(model_dir(self.run, s)), "--out", str(out), "--preset", self.preset_name]
+                for x in self.sets:
+                    argv += ["--set", x]
+                code, t, rss = run_subprocess(argv, self.logs / f"eval_{s}.log")
+                secs, peak = secs + t, max(peak, rss)
+                result = read_json(out)
+                if code != 0 or result is None:
+                    self.say(f"FAILED on {s} (exit {code})")
+                    self.say(tail(self.logs / f"eval_{s}.log"))
+                    self.say(f"speedrun: eval of {s} failed; log: {self.logs / f'eval_{s}.log'}; rerun to resume.")
+                    return None
+            else:
+                secs += result.get("seconds", 0.0)
+            p = headline(result)
+            figs.append(f"{s} {100 * p:.0f}%" if p is not None else f"{s} –")
+        rec = {"seconds": secs, "tokens": None, "peak_rss": peak or None, "figure": "test pass@1: " + ", ".join(figs)}
+        self.say(f"{secs:7.1f}s  {rec['figure']}")
+        return rec
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="cpu-tiny", help="preset name or .toml path (default: cpu-tiny)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a preset field for every stage, e.g. --set rl.steps=50")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<preset>)")
+    p.add_argument("--until", choices=ORDER, default=None, help="stop after this stage")
+    p.add_argument("--redo", choices=ORDER, default=None, help="rerun this stage and every stage after it")
+
+
+def run(args) -> int:
+    out = Path(args.out) if args.out else Path("runs") / Path(args.preset).stem
+    return Speedrun(out, args.preset, args.sets, until=args.until, redo=args.redo).execute()
