@@ -225,21 +225,23 @@ def eval_questions(cfg: EvalConfig, preset) -> dict[str, list[dict]]:
     return out
 
 
-def evaluate(model, tokenizer, entries_by_split: dict[str, list[dict]], cfg: EvalConfig, engine_cfg=None) -> dict:
-    """Run the protocol on a loaded model. Returns the JSON-able result (see `run` for its layout)."""
+def evaluate(engine, tokenizer, entries_by_split: dict[str, list[dict]], cfg: EvalConfig, model=None) -> dict:
+    """Run the protocol through `engine` (a nanoseek Engine, or anything with its `generate`). Returns the
+    JSON-able result: {"splits": {split: {task | "all": {metric: {mean, lo, hi, n}}}}, "config", "examples",
+    "seconds", "tokens_generated", "expert_load"}. With `model`, its MoE layers' load counters give the expert
+    load on the eval traffic."""
     import torch
 
-    from nanoseek.infer.engine import Engine, EngineConfig
     from nanoseek.infer.sampling import SamplingParams
+    from nanoseek.train.grpo import prompt_ids
 
-    engine = Engine(model, tokenizer, engine_cfg or EngineConfig())
-    moe = model.moe_layers() if hasattr(model, "moe_layers") else []
+    moe = model.moe_layers() if model is not None and hasattr(model, "moe_layers") else []
     for m in moe:
         m.load.zero_()
     t0, generated = time.perf_counter(), 0
     out = {"splits": {}, "config": asdict(cfg)}
     for split, entries in entries_by_split.items():
-        prompts = [prompt_ids(tokenizer, e["question"]) for e in entries]
+        prompts = [prompt_ids(tokenizer, e) for e in entries]  # the R1 template, exactly as RL asks
         opens = [_prompt_opens_think(tokenizer, p) for p in prompts]
         budget = min(cfg.max_tokens, engine.max_model_len - max(len(p) for p in prompts))
         if budget < 1:
@@ -254,9 +256,10 @@ def evaluate(model, tokenizer, entries_by_split: dict[str, list[dict]], cfg: Eva
         for e, comps, g, opened in zip(entries, samples, greedy, opens):
             generated += sum(len(c.token_ids) for c in comps) + (len(g[0].token_ids) if g else 0)
             results.append(score_question(
-                e, [c.text for c in comps], [len(c.token_ids) for c in comps],
+                e, [completion_text(tokenizer, c.token_ids) for c in comps], [len(c.token_ids) for c in comps],
                 [c.finish_reason == "length" for c in comps], opened,
-                greedy_text=g[0].text if g else None, greedy_length=len(g[0].token_ids) if g else None))
+                greedy_text=completion_text(tokenizer, g[0].token_ids) if g else None,
+                greedy_length=len(g[0].token_ids) if g else None))
         task_names = list(dict.fromkeys(r.task for r in results))
         table = {t: summarize([r for r in results if r.task == t], cfg.k, cfg.pass_ks(), cfg.bootstrap, cfg.seed)
                  for t in task_names}
@@ -264,7 +267,8 @@ def evaluate(model, tokenizer, entries_by_split: dict[str, list[dict]], cfg: Eva
         out["splits"][split] = table
         if split == cfg.splits[0]:
             out["examples"] = [{"task": e["task"], "question": e["question"], "answer": e["answer"],
-                                "completion": comps[0].text} for e, comps in list(zip(entries, samples))[:3]]
+                                "completion": completion_text(tokenizer, comps[0].token_ids)}
+                               for e, comps in list(zip(entries, samples))[:3]]
     out["seconds"] = time.perf_counter() - t0
     out["tokens_generated"] = generated
     out["tokens_per_s"] = generated / max(out["seconds"], 1e-9)
@@ -273,12 +277,12 @@ def evaluate(model, tokenizer, entries_by_split: dict[str, list[dict]], cfg: Eva
     return out
 
 
-def prompt_ids(tokenizer, question: str) -> list[int]:
-    """The R1 prompt every RL stage trains on: one user turn asking for <think> then <answer>, then the
-    generation prompt `<｜Assistant｜><think>\\n`."""
-    from nanoseek.data import prompt_messages
-
-    return tokenizer.encode_chat(prompt_messages({"question": question}, r1=True))
+def completion_text(tokenizer, ids: list[int]) -> str:
+    """What the rewards read, decoded exactly as GRPO decodes its rollouts: EOS dropped, tags kept."""
+    ids = list(ids)
+    if ids and ids[-1] == tokenizer.eos_id:
+        ids = ids[:-1]
+    return tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def _prompt_opens_think(tokenizer, ids: list[int]) -> bool:
@@ -342,7 +346,10 @@ def run(args) -> int:
     model = nanoseek.load(model_dir)
     tokenizer = load_tokenizer(model_dir)
     questions = eval_questions(cfg, preset)
-    result = evaluate(model, tokenizer, questions, cfg, preset.section("engine"))
+    from nanoseek.infer.engine import Engine
+
+    engine = Engine(model, tokenizer, preset.section("engine"))
+    result = evaluate(engine, tokenizer, questions, cfg, model=model)
     result["model"] = str(model_dir)
     result["preset"] = str(preset.path)
     out = Path(args.out) if args.out else model_dir / "eval.json"

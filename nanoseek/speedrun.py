@@ -112,7 +112,7 @@ STAGES: list[Stage] = [
           model="student_base/model", figure=_fig_train),
     Stage("distill", "distill", ("--teacher", "{model:rl}", "--student", "{model:student_base}", "--out",
                                  "{run}/distill"), model="distill/model", figure=_fig_train),
-    Stage("student_rl", "rl", ("--model", "{model:student_base}", "--out", "{run}/student_rl"),
+    Stage("student_rl", "rl", ("--student", "--model", "{model:student_base}", "--out", "{run}/student_rl"),
           model="student_rl/model", figure=_fig_rl),
 ]
 BY_NAME = {s.name: s for s in STAGES}
@@ -217,8 +217,9 @@ def stage_tokens(d: Path) -> int | None:
 
     recs = read_jsonl(d / "metrics.jsonl")
     trained = next((r["tokens"] for r in reversed(recs) if isinstance(r.get("tokens"), int)), 0)
-    generated = sum(r.get(k, 0) for r in recs for k in ("generated_tokens", "rollout_tokens")
-                    if isinstance(r.get(k), (int, float)))
+    # RL logs samples per step and their mean length: what its rollouts generated.
+    generated = sum(r["samples"] * r["length"] for r in recs
+                    if isinstance(r.get("samples"), int) and isinstance(r.get("length"), (int, float)))
     return int(trained + generated) or None
 
 

@@ -106,3 +106,64 @@ def test_config_errors_name_the_field():
         EvalConfig(splits=["train"])
     assert EvalConfig(k=8).pass_ks() == [1, 4, 8]
     assert EvalConfig(k=2).pass_ks() == [1, 2]
+
+
+# ---- the whole protocol through a scripted engine: every number is known in advance ------------------------------
+
+
+class ScriptedEngine:
+    """Stands in for nanoseek's Engine: question i gets c_i = i % (k+1) correct samples (first), the rest one
+    shared wrong answer, and a correct greedy answer when i is even."""
+
+    max_model_len = 4096
+
+    def __init__(self, tok, entries):
+        self.tok, self.by_prompt = tok, {}
+        self.entries = entries
+
+    def generate(self, prompts, params):
+        from types import SimpleNamespace
+
+        from nanoseek.train.grpo import prompt_ids
+
+        out = []
+        for p in prompts:
+            i, e = next((i, e) for i, e in enumerate(self.entries) if prompt_ids(self.tok, e) == p)
+            k = params.n
+            c = i % (k + 1) if params.temperature > 0 else (k if i % 2 == 0 else 0)
+            group = []
+            for j in range(k):
+                ans = e["answer"] if j < c else "999999"
+                body = "some steps\n</think>\n<answer>" + ans + "</answer>"
+                ids = self.tok.encode(body) + [self.tok.eos_id]
+                group.append(SimpleNamespace(token_ids=ids, finish_reason="stop"))
+            out.append(group)
+        return out
+
+
+def _tokenizer():
+    from nanoseek.tokenizer import train_tokenizer
+
+    return train_tokenizer(["What is 12 + 34? <think>\nsteps\n</think>\n<answer>46</answer>"] * 4, vocab_size=300)
+
+
+def test_evaluate_end_to_end_numbers():
+    from nanoseek import tasks
+    from nanoseek.eval import evaluate
+
+    tok = _tokenizer()
+    entries = tasks.get("add").generate(seed=7, n=9) + tasks.get("sub").generate(seed=7, n=9)
+    k = 4
+    cfg = EvalConfig(k=k, bootstrap=200, splits=["test"])
+    res = evaluate(ScriptedEngine(tok, entries), tok, {"test": entries}, cfg)
+    cs = [i % (k + 1) for i in range(len(entries))]
+    a = res["splits"]["test"]["all"]
+    assert a["pass@1"]["mean"] == pytest.approx(sum(c / k for c in cs) / len(cs))
+    assert a["pass@4"]["mean"] == pytest.approx(sum(c > 0 for c in cs) / len(cs))
+    assert a["maj@k"]["mean"] == pytest.approx(sum(c >= k - c for c in cs) / len(cs))  # ties: correct came first
+    assert a["greedy"]["mean"] == pytest.approx(sum(i % 2 == 0 for i in range(len(entries))) / len(entries))
+    assert a["format"]["mean"] == 1.0  # "<think>\n" is in the prompt, so these completions are well formed
+    assert a["pass@1"]["lo"] <= a["pass@1"]["mean"] <= a["pass@1"]["hi"]
+    assert set(res["splits"]["test"]) == {"add", "sub", "all"}
+    assert res["splits"]["test"]["add"]["pass@1"]["n"] == 9
+    assert res["tokens_generated"] > 0 and res["examples"][0]["completion"].endswith("</answer>")
