@@ -1,0 +1,84 @@
+"""The speedrun: the smoke preset runs the whole pipeline; every stage's checkpoint loads; the report names every
+stage; a rerun skips finished stages; missing stages are named, not faked."""
+
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def test_smoke_pipeline_end_to_end(tmp_path, capsys):
+    import nanoseek
+    from nanoseek.report import LABEL, STAGES
+    from nanoseek.speedrun import BY_NAME, MODEL_STAGES, Speedrun
+
+    run = tmp_path / "smoke"
+    # First only the cheap front, then the whole pipeline: the second call must skip what the first finished.
+    assert Speedrun(run, "smoke", [], until="tokenizer").execute() == 0
+    first = json.loads((run / "tokenizer" / "stage.json").read_text())
+    capsys.readouterr()
+    assert Speedrun(run, "smoke", []).execute() == 0
+    out = capsys.readouterr().out
+    assert "tokenizer    done earlier" in out and "tasks        done earlier" in out
+    assert json.loads((run / "tokenizer" / "stage.json").read_text()) == first  # not rerun
+
+    for name in MODEL_STAGES:
+        model = nanoseek.load(run / BY_NAME[name].model)  # every stage's checkpoint loads
+        assert model.config.vocab_size > 0, name
+        rec = json.loads((run / name / "stage.json").read_text())
+        assert rec["seconds"] > 0 and rec["peak_rss"] > 0, name
+        ev = json.loads((run / "eval" / f"{name}.json").read_text())
+        p1 = ev["splits"]["test"]["all"]["pass@1"]
+        assert 0.0 <= p1["lo"] <= p1["mean"] <= p1["hi"] <= 1.0
+    # The distilled and RL-only students are dense (no MoE layers); the teacher is not.
+    assert nanoseek.load(run / BY_NAME["distill"].model).moe_layers() == []
+    assert nanoseek.load(run / BY_NAME["rl"].model).moe_layers() != []
+
+    report = (run / "report.md").read_text()
+    for d, label, _ in STAGES:
+        assert f"`{d}/`" in report and label in report, d
+    assert "Missing stages" not in report
+    for label in (LABEL[s] for s in MODEL_STAGES):
+        assert f"| {label} |" in report  # a row in the eval table
+    assert (run / "plots" / "pretrain_loss.png").stat().st_size > 0
+    assert (run / "plots" / "rl.png").stat().st_size > 0
+    state = json.loads((run / "speedrun.json").read_text())
+    assert set(state["stages"]) >= {"tasks", "tokenizer", *MODEL_STAGES, "eval", "report"}
+
+    # A rerun with other settings would mix two runs: refused, naming the fix.
+    from nanoseek.config import ConfigError
+
+    with pytest.raises(ConfigError, match="new --out"):
+        Speedrun(run, "smoke", ["rl.steps=99"]).execute()
+
+
+def test_missing_stage_is_named(monkeypatch):
+    from nanoseek import cli
+    from nanoseek.config import ConfigError
+    from nanoseek.speedrun import Stage, check_available
+
+    monkeypatch.setitem(cli.COMMANDS, "later", ("nanoseek.train.not_written_yet", "a stage still being written"))
+    with pytest.raises(ConfigError, match=r"missing stage\(s\): future .*not_written_yet\.py does not exist"):
+        check_available([Stage("future", "later")])
+    with pytest.raises(ConfigError, match="does not accept --no-such-flag"):
+        check_available([Stage("tok", "tokenizer", ("--no-such-flag",))])
+
+
+def test_report_on_a_partial_run_names_what_is_missing(tmp_path):
+    from nanoseek.report import write_report
+
+    (tmp_path / "pretrain").mkdir()
+    with open(tmp_path / "pretrain" / "metrics.jsonl", "w") as f:
+        for s in range(1, 6):
+            f.write(json.dumps({"step": s, "loss": 5 - s / 2, "load_max_mean": {"layer1": 1 + 1 / s}}) + "\n")
+        f.write('{"step": 6, "loss": 2.')  # a torn last line (crash mid-write) is skipped
+    md = write_report(tmp_path).read_text()
+    assert "**Missing stages**" in md
+    for d in ("zero", "sft", "rl", "distill", "student_rl"):
+        assert f"`{d}/`" in md.split("## Stages")[0], d  # listed as missing before the tables
+    assert "train loss 4.500 → 2.500" in md
+    assert (tmp_path / "plots" / "pretrain_loss.png").is_file()
+    assert (tmp_path / "plots" / "expert_load_steps.png").is_file()
+    assert "not measured" in md  # goals that need missing stages say so instead of guessing
