@@ -10,8 +10,8 @@
 
 Each stage writes `RUN/<stage>/`; when it finishes, the speedrun writes `RUN/<stage>/stage.json` (seconds,
 tokens, peak RSS, key figure), the completion marker: a stage with one is skipped on the next run. A stage that
-crashed (its directory but no marker) is resumed with `--resume` when its command has that flag (pretraining does,
-from its newest complete checkpoint), and otherwise started again from an empty directory.
+crashed (its directory but no marker) is resumed with `--resume` from its newest complete checkpoint when its
+command has that flag (pretraining and RL do), and otherwise started again from an empty directory.
 
 Why subprocesses: each stage runs as `python -m nanoseek <command> …`, the very command a person would type, so
 the speedrun proves each stage's CLI and never depends on state a previous stage left in memory. A stage's peak RSS
@@ -342,11 +342,13 @@ class Speedrun:
                 argv += ["--set", s]
             resumed = False
             if d.exists():
-                if has_flag(stage.command, "--resume"):
+                from nanoseek.train.loop import complete_checkpoints
+
+                if has_flag(stage.command, "--resume") and complete_checkpoints(d):
                     argv.append("--resume")
                     resumed = True
-                else:
-                    shutil.rmtree(d)  # an unfinished stage without resume support starts over, from clean
+                else:  # nothing to resume from (crashed before its first checkpoint, or no --resume): start clean
+                    shutil.rmtree(d)
             code, secs, rss = run_subprocess(argv, self.logs / f"{stage.name}.log")
             if code != 0:
                 self.say(f"FAILED (exit {code} after {secs:.0f}s)")

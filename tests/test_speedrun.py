@@ -47,6 +47,16 @@ def test_smoke_pipeline_end_to_end(tmp_path, capsys):
     state = json.loads((run / "speedrun.json").read_text())
     assert set(state["stages"]) >= {"tasks", "tokenizer", *MODEL_STAGES, "eval", "report"}
 
+    # A stage without its completion marker (as after a crash) resumes from its newest complete checkpoint;
+    # the finished stages around it are skipped.
+    (run / "pretrain" / "stage.json").unlink()
+    capsys.readouterr()
+    assert Speedrun(run, "smoke", [], until="zero").execute() == 0
+    out = capsys.readouterr().out
+    assert json.loads((run / "pretrain" / "stage.json").read_text())["resumed"] is True
+    assert "zero         done earlier" in out
+    nanoseek.load(run / BY_NAME["pretrain"].model)
+
     # A rerun with other settings would mix two runs: refused, naming the fix.
     from nanoseek.config import ConfigError
 
