@@ -22,9 +22,14 @@ scale "group" uses the group's std, "batch" the whole batch's std, "none" no div
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import sys
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +73,15 @@ class GRPOConfig:
     steps: int = 100
     micro_batch_size: int = 0  # completions per forward/backward; 0 = the whole rollout batch at once
     seed: int = 0
+    # --- the loop (nanoseek rl)
+    zero_steps: int | None = None  # steps of `nanoseek rl --zero` (R1-Zero); None: steps
+    student_steps: int | None = None  # steps of `nanoseek rl --student` (the RL-only student arm); None: steps
+    tasks: list[str] = field(default_factory=list)  # training tasks; [] = the data section's tasks
+    max_sample_rounds: int = 3  # dynamic sampling: rollout rounds per step before topping up with flat groups
+    dtype: str = "bf16"  # autocast dtype of the policy forward/backward (weights and AdamW state stay fp32)
+    engine_dtype: str = "float32"  # dtype of the engine's copy of the weights for rollouts
+    ckpt_every: int = 10  # RL steps between checkpoints (and at the end)
+    log_every: int = 5  # RL steps between progress lines and samples.jsonl entries
 
     def __post_init__(self):
         if self.scale_rewards is None:
@@ -105,6 +119,11 @@ class GRPOConfig:
         if not 0 <= self.overlong_buffer < self.max_completion_length:
             bad("overlong_buffer", f"{self.overlong_buffer} must be in [0, max_completion_length="
                 f"{self.max_completion_length})", "use e.g. a quarter of max_completion_length, or 0 to disable")
+        if self.max_sample_rounds < 1:
+            bad("max_sample_rounds", f"must be >= 1, got {self.max_sample_rounds}", "use e.g. 3")
+        for name in ("zero_steps", "student_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                bad(name, f"must be >= 1 or unset, got {getattr(self, name)}", "leave it out to use rl.steps")
         if self.micro_batch_size < 0:
             bad("micro_batch_size", f"must be >= 0, got {self.micro_batch_size}", "use 0 for the whole batch")
 
@@ -289,3 +308,361 @@ def rollout_stats(rs: Sequence[Reward], lengths: Sequence[int], truncated: Seque
         "truncated": mean([float(t) for t in truncated]),
         "overlong": mean([x.overlong for x in rs]),
     }
+
+
+# ==== the loop: rollouts from the shared engine, rule rewards, policy updates ===================================
+#
+#   nanoseek rl --zero --model runs/x/pretrain/model --out runs/x/zero       # R1-Zero: GRPO straight from the base
+#   nanoseek rl --model runs/x/sft/model --out runs/x/rl                      # R1: reasoning RL after the cold start
+#   nanoseek rl --model runs/x/student_base/model --out runs/x/student_rl --student   # the RL-only student arm
+#   ... --preset smoke --set rl.steps=3 [--resume]
+#
+# One RL step: take prompts_per_step training questions, ask each with the R1 template, sample G completions per
+# question from the engine (the G samples share one prefill), score them with the task's rule (accuracy) and the
+# format rule, turn rewards into group advantages, then run μ optimizer steps of the clipped objective above on
+# that batch through the shared training loop (nanoseek/train/loop.py: AdamW, warmup, clipping, bf16 autocast,
+# atomic checkpoints). With dynamic sampling (DAPO) groups whose G rewards are all equal are dropped and more
+# questions are sampled, up to max_sample_rounds rounds. The reference model (for the KL term) is the input model,
+# frozen, and is not even loaded when β = 0.
+#
+# Writes into --out: metrics.jsonl (one record per RL step, the keys listed in `step_stats`), checkpoints/step_N
+# (HF model + train state: resumable with --resume), samples.jsonl (a few completions every log_every steps) and
+# model/ (the final policy, HF format, with the input model's tokenizer files: chat/serve/eval open it).
+
+
+@dataclass
+class Rollout:
+    """One rollout batch: N = groups * G completions, each prompt's G completions next to each other."""
+
+    prompts: list[list[int]]  # [N] prompt ids (each repeated G times)
+    completions: list[list[int]]  # [N] completion ids, EOS included when the model stopped by itself
+    entries: list[dict]  # [N] the task entry each completion answers
+    texts: list[str]  # [N] decoded completions (tags kept, EOS dropped): what the rewards read
+    rewards: list  # [N] nanoseek.train.rewards.Reward
+    truncated: list[bool]  # [N] hit max_completion_length without stopping
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+    def select_groups(self, keep: list[int], G: int) -> Rollout:
+        idx = [g * G + j for g in keep for j in range(G)]
+        return Rollout(*([getattr(self, f)[i] for i in idx] for f in
+                         ("prompts", "completions", "entries", "texts", "rewards", "truncated")))
+
+    def __add__(self, other: Rollout) -> Rollout:
+        return Rollout(*(getattr(self, f) + getattr(other, f) for f in
+                         ("prompts", "completions", "entries", "texts", "rewards", "truncated")))
+
+
+class PromptStream:
+    """An endless, seeded, resumable stream of training questions: each epoch is a fresh permutation."""
+
+    def __init__(self, entries: list[dict], seed: int):
+        if not entries:
+            raise ValueError("no training questions for RL; check data.tasks / rl.tasks and data.train_size")
+        self.entries, self.seed, self.pos = entries, seed, 0
+        self._epoch, self._order = -1, None
+
+    def take(self, n: int) -> list[dict]:
+        out = []
+        for _ in range(n):
+            epoch, i = divmod(self.pos, len(self.entries))
+            if epoch != self._epoch:
+                self._order = torch.randperm(len(self.entries), generator=torch.Generator().manual_seed(
+                    self.seed * 1_000_003 + epoch)).tolist()
+                self._epoch = epoch
+            out.append(self.entries[self._order[i]])
+            self.pos += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos, "n": len(self.entries), "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("n") != len(self.entries) or state.get("seed") != self.seed:
+            raise ValueError(f"cannot resume RL: the checkpoint's question stream (n={state.get('n')}, seed="
+                             f"{state.get('seed')}) differs from this run's (n={len(self.entries)}, seed={self.seed}); "
+                             "resume with the same preset and --set values")
+        self.pos = int(state["pos"])
+
+
+def prompt_ids(tok, entry: dict) -> list[int]:
+    """The R1 template (DeepSeek-R1 Table 1, shortened): one user turn asking for <think> then <answer>, and the
+    generation prompt `<｜Assistant｜><think>\\n`. R1-Zero, R1 and eval all ask this way."""
+    from nanoseek.data import prompt_messages
+
+    return tok.encode_chat(prompt_messages(entry, r1=True))
+
+
+def sample_rollout(engine, tok, entries: list[dict], cfg: GRPOConfig, seed: int | None = None) -> Rollout:
+    """G completions per entry from the engine, decoded and scored."""
+    from nanoseek import tasks
+    from nanoseek.infer.sampling import SamplingParams
+    from nanoseek.train import rewards as R
+
+    G = cfg.num_generations
+    prompts = [prompt_ids(tok, e) for e in entries]
+    params = SamplingParams(n=G, temperature=cfg.temperature, top_p=cfg.top_p,
+                            max_tokens=cfg.max_completion_length, seed=seed)
+    outs = engine.generate(prompts, params)  # [P][G] Completion
+    ro = Rollout([], [], [], [], [], [])
+    for p, e, group in zip(prompts, entries, outs):
+        for c in group:
+            ids = list(c.token_ids)
+            stopped = c.finish_reason == "stop"
+            if ids and ids[-1] == tok.eos_id:
+                ids = ids[:-1]
+            text = tok.decode(ids, skip_special_tokens=True)
+            if stopped:
+                ids = ids + [tok.eos_id]  # the model chose to stop: EOS is part of what it is trained on
+            ro.prompts.append(p)
+            ro.completions.append(ids)
+            ro.entries.append(e)
+            ro.texts.append(text)
+            ro.truncated.append(not stopped)
+    ro.rewards = R.rewards(ro.texts, ro.entries, tasks.score, lengths=[len(c) for c in ro.completions],
+                           prompt_opens_think=cfg.prompt_opens_think, format_weight=cfg.format_weight,
+                           max_len=cfg.max_completion_length, overlong_buffer=cfg.overlong_buffer)
+    return ro
+
+
+def collect_rollout(engine, tok, stream: PromptStream, cfg: GRPOConfig, step: int) -> tuple[Rollout, Rollout, int]:
+    """The step's training batch (prompts_per_step groups), everything sampled for it (for the logs), and the
+    number of sampling rounds. Dynamic sampling (DAPO eq. 11) keeps only groups whose rewards differ and samples
+    again until it has enough; after max_sample_rounds it tops up with zero-variance groups (their advantage is 0:
+    they add only the KL term), so every step trains on the same number of groups."""
+    G, want = cfg.num_generations, cfg.prompts_per_step
+    seen: Rollout | None = None
+    kept: Rollout | None = None
+    spare: list[tuple[Rollout, int]] = []
+    rounds = 0
+    while True:
+        rounds += 1
+        n = want if kept is None else want - len(kept) // G
+        ro = sample_rollout(engine, tok, stream.take(n), cfg, seed=cfg.seed * 100_003 + step * 101 + rounds)
+        seen = ro if seen is None else seen + ro
+        if not cfg.dynamic_sampling:
+            return ro, seen, rounds
+        flat = torch.tensor([r.reward for r in ro.rewards])
+        zero = zero_variance_groups(flat, G).tolist()
+        good = ro.select_groups([g for g, z in enumerate(zero) if not z], G)
+        spare += [(ro, g) for g, z in enumerate(zero) if z]
+        kept = good if kept is None else kept + good
+        if len(kept) >= want * G:
+            return kept.select_groups(list(range(want)), G), seen, rounds
+        if rounds >= cfg.max_sample_rounds:
+            need = want - len(kept) // G
+            for src, g in spare[:need]:
+                kept = kept + src.select_groups([g], G)
+            return kept, seen, rounds
+
+
+@dataclass
+class MicroBatch:
+    ids: torch.Tensor  # [B, T+1] prompt + completion, right-padded
+    mask: torch.Tensor  # [B, T] 1 where the target ids[:, 1:] is a completion token
+    adv: torch.Tensor  # [B]
+    old_logp: torch.Tensor | None = None  # [B, T] log π_old (None: exact as logp.detach() when μ = 1)
+    ref_logp: torch.Tensor | None = None  # [B, T] log π_ref (only when β > 0)
+    num_items: float = 0.0  # completion tokens in the whole rollout batch (dapo's denominator)
+    n_micro: int = 1  # micro-batches in the optimizer step
+
+
+def make_micro_batches(ro: Rollout, adv: torch.Tensor, cfg: GRPOConfig, pad_id: int) -> list[MicroBatch]:
+    """Rows = prompt + completion, right-padded (causal attention never looks right, so padding is harmless);
+    the loss mask marks the completion tokens."""
+    N = len(ro)
+    size = cfg.micro_batch_size or N
+    chunks = [list(range(s, min(s + size, N))) for s in range(0, N, size)]
+    num_items = float(sum(len(c) for c in ro.completions))
+    out = []
+    for rows in chunks:
+        L = max(len(ro.prompts[i]) + len(ro.completions[i]) for i in rows)
+        ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), L - 1)
+        for b, i in enumerate(rows):
+            p, c = ro.prompts[i], ro.completions[i]
+            ids[b, : len(p) + len(c)] = torch.tensor(p + c)
+            mask[b, len(p) - 1: len(p) - 1 + len(c)] = 1.0  # position t predicts ids[t+1]
+        out.append(MicroBatch(ids, mask, adv[rows], num_items=num_items, n_micro=len(chunks)))
+    return out
+
+
+def sequence_logprobs(model, mb: MicroBatch, temperature: float, with_entropy: bool = False):
+    """log π(completion tokens) [B, T] (and the entropy [B, T] when asked) from one forward of model over mb.ids."""
+    logits = model(mb.ids[:, :-1].to(_device(model))).logits  # [B, T, V]
+    logp = token_logprobs(logits, mb.ids[:, 1:].to(logits.device), temperature)
+    ent = None
+    if with_entropy:
+        with torch.no_grad():
+            ent = token_entropy(logits.detach(), temperature)
+    return logp, ent
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def grpo_loss_fn(cfg: GRPOConfig):
+    """loss_fn(model, MicroBatch) for the shared Trainer, which averages micro-batch losses: dapo's loss is already
+    a sum over the whole batch divided by num_items, so it is scaled back up by the number of micro-batches."""
+
+    def loss_fn(model, mb: MicroBatch):
+        logp, ent = sequence_logprobs(model, mb, cfg.temperature, with_entropy=True)
+        dev = logp.device
+        loss, stats = per_token_loss(logp, None if mb.old_logp is None else mb.old_logp.to(dev),
+                                     None if mb.ref_logp is None else mb.ref_logp.to(dev), mb.adv.to(dev),
+                                     mb.mask.to(dev), cfg, num_items=mb.num_items, entropy=ent)
+        if cfg.loss_type == "dapo":
+            loss = loss * mb.n_micro
+        stats["tokens"] = float(mb.mask.sum())
+        return loss, stats
+
+    return loss_fn
+
+
+@torch.no_grad()
+def fill_logprobs(model, mbs: list[MicroBatch], cfg: GRPOConfig, attr: str, autocast) -> None:
+    """Set mb.<attr> (old_logp or ref_logp) from a no-grad forward of `model` (same precision as training)."""
+    was = model.training
+    model.eval()
+    for mb in mbs:
+        with autocast():
+            logp, _ = sequence_logprobs(model, mb, cfg.temperature)
+        setattr(mb, attr, logp.float().cpu())
+    model.train(was)
+
+
+def tokenizer_files(model_dir: str | Path) -> dict[str, str]:
+    """The tokenizer files of a stage directory (copied into every checkpoint, so chat/serve/eval can open it)."""
+    d = Path(model_dir)
+    files = {f.name: str(f) for f in d.glob("tokenizer*") if f.is_file()}
+    if "tokenizer.json" not in files:
+        raise FileNotFoundError(f"{d} has no tokenizer.json; every stage's model directory carries its tokenizer "
+                                "(pass a model/ directory written by `nanoseek pretrain`, `sft`, `rl` or `distill`)")
+    return files
+
+
+def train_questions(data_cfg, task_names: list[str]) -> list[dict]:
+    """The training split's questions of `task_names` (all of data.tasks when empty)."""
+    from nanoseek.data import splits
+
+    unknown = [t for t in task_names if t not in data_cfg.tasks]
+    if unknown:
+        raise ConfigError(f"rl.tasks {unknown} are not in data.tasks {data_cfg.tasks}; RL trains on the data "
+                          "section's train split, so list tasks from data.tasks (or leave rl.tasks empty)")
+    return [e for e in splits(data_cfg)["train"] if not task_names or e["task"] in task_names]
+
+
+def train(model_dir: str | Path, out: str | Path, cfg: GRPOConfig, data_cfg, engine_cfg=None, *,
+          steps: int | None = None, stage: str = "rl", resume: bool = False, log=None) -> dict:
+    """GRPO from the checkpoint in `model_dir`; writes `out` (see the block comment above). Returns the last
+    metrics record."""
+    import nanoseek
+    from nanoseek.checkpoint import save
+    from nanoseek.infer.engine import Engine
+    from nanoseek.tokenizer import load_tokenizer
+    from nanoseek.train.loop import LoopConfig, Trainer
+
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    out = Path(out)
+    steps = steps or cfg.steps
+    tok = load_tokenizer(model_dir)
+    files = tokenizer_files(model_dir)
+    stream = PromptStream(train_questions(data_cfg, cfg.tasks), cfg.seed)
+    torch.manual_seed(cfg.seed)
+    policy = nanoseek.load(model_dir)  # MTP modules ride along untrained (RL trains the main model only)
+    loop_cfg = LoopConfig(steps=steps * cfg.mu, lr=cfg.lr, min_lr_ratio=1.0, warmup_steps=cfg.warmup_steps,
+                          schedule="constant", weight_decay=cfg.weight_decay, beta1=0.9, beta2=0.99,
+                          grad_clip=cfg.grad_clip, dtype=cfg.dtype, seed=cfg.seed, eval_every=0, ckpt_every=0,
+                          keep_checkpoints=2, progress=False)
+    trainer = Trainer(policy, loop_cfg, out, grpo_loss_fn(cfg), extra_files=files,
+                      run_info={"stage": stage, "model": str(model_dir)})
+    done = 0
+    if resume and trainer.resume(stream):
+        done = int(trainer.extra_state.get("rl_step", 0))
+        trainer._truncate_metrics(done)  # records past the checkpoint belong to lost steps
+        log(f"{stage}: resumed at RL step {done}")
+    elif (out / "metrics.jsonl").exists():
+        raise ConfigError(f"{out} already holds an RL run; pass --resume to continue it, or choose a new --out")
+    ref = None
+    if cfg.beta > 0:  # the frozen reference is the input model (also after a resume)
+        ref = nanoseek.load(model_dir, mtp=False).to(trainer.device)
+        ref.requires_grad_(False)
+    engine = Engine(trainer.raw_model, tok, engine_cfg) if engine_cfg is not None else Engine(trainer.raw_model, tok)
+    G = cfg.num_generations
+    record: dict = {}
+    t_start = time.time()
+    for step in range(done, steps):
+        t0 = time.perf_counter()
+        trainer.raw_model.eval()
+        with torch.no_grad():
+            batch, seen, rounds = collect_rollout(engine, tok, stream, cfg, step)
+        t1 = time.perf_counter()
+        rew = torch.tensor([r.reward for r in batch.rewards])
+        adv = group_advantages(rew, G, cfg.scale_rewards)
+        mbs = make_micro_batches(batch, adv, cfg, tok.pad_id)
+        if ref is not None:
+            fill_logprobs(ref, mbs, cfg, "ref_logp", trainer.autocast)
+        if cfg.mu > 1:  # π_old is the policy that sampled; its log-probs are fixed before the first update
+            fill_logprobs(trainer.raw_model, mbs, cfg, "old_logp", trainer.autocast)
+        updates = [trainer.train_step(mbs) for _ in range(cfg.mu)]
+        t2 = time.perf_counter()
+        upd = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]
+               if isinstance(updates[0][k], (int, float)) and k not in ("step", "tokens")}
+        lengths = [len(c) for c in seen.completions]
+        record = {"step": step + 1, **rollout_stats(seen.rewards, lengths, seen.truncated, G),
+                  "samples": len(seen), **upd, "optimizer_step": trainer.step,
+                  "train_groups": len(batch) // G, "sample_rounds": rounds, "rollout_seconds": t1 - t0,
+                  "update_seconds": t2 - t1, "elapsed": time.time() - t_start}
+        trainer.log(record)
+        trainer.extra_state = {"rl_step": step + 1}
+        last = step + 1 == steps
+        if (step + 1) % cfg.log_every == 0 or last or step == done:
+            log(f"{stage} step {step + 1}/{steps}: reward {record['reward']:.3f} acc {record['accuracy']:.3f} "
+                f"format {record['format']:.2f} len {record['length']:.0f} zero-var "
+                f"{record['zero_variance_groups']:.2f} | rollout {t1 - t0:.1f}s update {t2 - t1:.1f}s")
+            with open(out / "samples.jsonl", "a") as f:
+                for i in range(0, len(seen), G)[:2]:
+                    f.write(json.dumps({"step": step + 1, "question": seen.entries[i]["question"],
+                                        "answer": seen.entries[i]["answer"], "completion": seen.texts[i],
+                                        "reward": seen.rewards[i].reward}) + "\n")
+        if last or (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0):
+            trainer.save_checkpoint(stream.state_dict())
+    save(trainer.raw_model, out / "model", extra_files=files)
+    return record
+
+
+# ---- `nanoseek rl` -------------------------------------------------------------------------------------------
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="input model directory (HF format + tokenizer files)")
+    p.add_argument("--out", required=True, help="stage directory: metrics.jsonl, checkpoints/, model/")
+    p.add_argument("--zero", action="store_true",
+                   help="R1-Zero: GRPO straight from the base model with the R1 template (uses rl.zero_steps)")
+    p.add_argument("--student", action="store_true",
+                   help="the RL-only student arm: GRPO on the student base (uses rl.student_steps)")
+    p.add_argument("--preset", default="cpu-tiny", help="preset name or .toml path (default: cpu-tiny)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a preset value, e.g. --set rl.steps=20 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+
+
+def run(args) -> int:
+    from nanoseek.config import load_preset
+
+    if args.zero and args.student:
+        raise ConfigError("--zero and --student are two different stages; pass one of them")
+    preset = load_preset(args.preset, args.set)
+    cfg: GRPOConfig = preset.section("rl")
+    stage = "zero" if args.zero else "student_rl" if args.student else "rl"
+    steps = (cfg.zero_steps if args.zero else cfg.student_steps if args.student else None) or cfg.steps
+    engine_cfg = preset.section("engine") if "engine" in preset.raw else None
+    if engine_cfg is not None:
+        engine_cfg.dtype = cfg.engine_dtype
+    t0 = time.time()
+    last = train(args.model, args.out, cfg, preset.section("data"), engine_cfg, steps=steps, stage=stage,
+                 resume=args.resume)
+    summary = {k: last.get(k) for k in ("step", "reward", "accuracy", "accuracy_lenient", "format", "length")}
+    summary["seconds"] = time.time() - t0
+    print(json.dumps({"stage": stage, **summary}))
+    return 0
