@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from nanoseek.config import ConfigError, load_preset
 
@@ -228,17 +229,12 @@ def eval_questions(cfg: EvalConfig, preset) -> dict[str, list[dict]]:
 def evaluate(engine, tokenizer, entries_by_split: dict[str, list[dict]], cfg: EvalConfig, model=None) -> dict:
     """Run the protocol through `engine` (a nanoseek Engine, or anything with its `generate`). Returns the
     JSON-able result: {"splits": {split: {task | "all": {metric: {mean, lo, hi, n}}}}, "config", "examples",
-    "seconds", "tokens_generated", "expert_load"}. With `model`, its MoE layers' load counters give the expert
-    load on the eval traffic."""
-    import torch
-
+    "seconds", "tokens_generated"}, plus "expert_load" (see `expert_load`) when `model` is given."""
     from nanoseek.infer.sampling import SamplingParams
     from nanoseek.train.grpo import prompt_ids
 
-    moe = model.moe_layers() if model is not None and hasattr(model, "moe_layers") else []
-    for m in moe:
-        m.load.zero_()
     t0, generated = time.perf_counter(), 0
+    routed: list[list[int]] = []  # prompt + first sample of each question, for the expert-load measurement
     out = {"splits": {}, "config": asdict(cfg)}
     for split, entries in entries_by_split.items():
         prompts = [prompt_ids(tokenizer, e) for e in entries]  # the R1 template, exactly as RL asks
@@ -253,6 +249,7 @@ def evaluate(engine, tokenizer, entries_by_split: dict[str, list[dict]], cfg: Ev
         greedy = engine.generate(prompts, SamplingParams(n=1, temperature=0.0, max_tokens=budget)) \
             if cfg.greedy else [None] * len(prompts)
         results = []
+        routed += [p + list(c[0].token_ids) for p, c in zip(prompts, samples)]
         for e, comps, g, opened in zip(entries, samples, greedy, opens):
             generated += sum(len(c.token_ids) for c in comps) + (len(g[0].token_ids) if g else 0)
             results.append(score_question(
@@ -272,9 +269,25 @@ def evaluate(engine, tokenizer, entries_by_split: dict[str, list[dict]], cfg: Ev
     out["seconds"] = time.perf_counter() - t0
     out["tokens_generated"] = generated
     out["tokens_per_s"] = generated / max(out["seconds"], 1e-9)
-    # Expert load on the eval traffic, per MoE layer (rows) and routed expert (columns), for the report's heatmap.
-    out["expert_load"] = [m.load.tolist() for m in moe]
+    if model is not None:
+        out["expert_load_layers"], out["expert_load"] = expert_load(model, routed[:: max(1, len(routed) // 64)])
     return out
+
+
+@torch.no_grad()
+def expert_load(model, sequences: list[list[int]]) -> tuple[list[str], list[list[int]]]:
+    """Tokens routed to each expert of each main-model MoE layer when `model` reads `sequences` (its own answers
+    to eval questions): ([layer names], [layer][expert] counts), for the report's heatmap. One sequence per forward,
+    so padding never counts (the engine's decode path deliberately keeps no load statistics)."""
+    layers = [(f"layer{i}", layer.mlp) for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "load")]
+    for _, m in layers:
+        m.load.zero_()
+    for ids in sequences:
+        model(torch.tensor([ids]))
+    counts = [m.load.tolist() for _, m in layers]
+    for _, m in layers:
+        m.load.zero_()
+    return [n for n, _ in layers], counts
 
 
 def completion_text(tokenizer, ids: list[int]) -> str:
@@ -329,8 +342,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    import torch
-
     import nanoseek
     from nanoseek.tokenizer import load_tokenizer
 

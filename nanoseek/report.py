@@ -381,8 +381,8 @@ def write_report(run_dir: str | Path) -> Path:
     for s, load in loads:
         rel = [[x / max(sum(r) / len(r), 1e-9) for x in r] for r in load]  # tokens per expert / mean per layer
         name = f"expert_load_{s}.png"
-        if plot_heatmap(rel, plots / name, f"{LABEL[s]}: tokens per routed expert / layer mean, on eval prompts",
-                        "routed expert", "MoE layer"):
+        if plot_heatmap(rel, plots / name, f"{LABEL[s]}: tokens per routed expert / layer mean, on its eval answers",
+                        "routed expert", "MoE layer", ylabels=evals[s].get("expert_load_layers")):
             worst = max(max(r) for r in rel)
             md += [f"Expert load of **{LABEL[s]}** while answering the eval questions (max/mean {worst:.2f}):", "",
                    f"![expert load, {LABEL[s]}](plots/{name})", ""]

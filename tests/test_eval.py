@@ -167,3 +167,22 @@ def test_evaluate_end_to_end_numbers():
     assert set(res["splits"]["test"]) == {"add", "sub", "all"}
     assert res["splits"]["test"]["add"]["pass@1"]["n"] == 9
     assert res["tokens_generated"] > 0 and res["examples"][0]["completion"].endswith("</answer>")
+
+
+def test_expert_load_counts_every_token_top_k_times():
+    import torch
+
+    from nanoseek.eval import expert_load
+    from nanoseek.model.transformer import Transformer
+    from tests.tiny import tiny
+
+    torch.manual_seed(0)
+    cfg = tiny()
+    model = Transformer(cfg).eval()
+    seqs = [[1, 2, 3, 4, 5], [7, 8], [9] * 11]
+    names, counts = expert_load(model, seqs)
+    n_moe = cfg.num_hidden_layers - cfg.first_k_dense_replace
+    assert names == [f"layer{i}" for i in range(cfg.first_k_dense_replace, cfg.num_hidden_layers)]
+    assert len(counts) == n_moe and all(len(c) == cfg.n_routed_experts for c in counts)
+    assert all(sum(c) == 18 * cfg.num_experts_per_tok for c in counts)  # 18 tokens, each to top-k experts
+    assert all(int(m.load.sum()) == 0 for m in model.moe_layers())  # counters left clean
