@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from nanoseek.config import ConfigError
@@ -42,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     module.add_args(p)
     args = p.parse_args(argv[1:])
     try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: one process group for the command
+            from nanoseek.train.distributed import session_for
+
+            with session_for(getattr(args, "preset", None), getattr(args, "set", None)):
+                return module.run(args) or 0
         return module.run(args) or 0
     except ConfigError as e:
         print(f"nanoseek {name}: config error: {e}", file=sys.stderr)

@@ -141,17 +141,17 @@ def _is_peer_failure(e: BaseException) -> bool:
     return any(s in text for s in ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "broken pipe"))
 
 
+@contextlib.contextmanager
 def session_for(preset: str | None, sets: list[str] | None):
-    """`session` with the [parallel] section of a preset (what the CLI passes: its --preset and --set)."""
-    if not launched_by_torchrun():
-        return session(None)
-    from nanoseek.config import load_preset
-
+    """`session` with the [parallel] section of a preset and its `--set parallel.*` overrides (what the CLI has)."""
     cfg = ParallelConfig()
-    if preset is not None:
+    if preset is not None and launched_by_torchrun():
+        from nanoseek.config import load_preset
+
         cfg = load_preset(preset, [s for s in (sets or []) if s.startswith("parallel.")], check=False) \
             .section("parallel")
-    return session(cfg)
+    with session(cfg):
+        yield
 
 
 # ---- wrapping the model (from outside; the model file knows nothing of this) ---------------------------------
@@ -191,6 +191,13 @@ def apply_parallel(model: torch.nn.Module, cfg: ParallelConfig | None) -> torch.
         raise ConfigError(f"parallel.strategy = 'none' but {world_size()} ranks are running: each would train its "
                           f"own model; use parallel.strategy = 'ddp' or 'fsdp', or run on one process")
     return apply_fsdp(model, cfg) if cfg.strategy == "fsdp" else apply_ddp(model)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True if FSDP2 sharded the model (its parameters are DTensors): forward is then a collective."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in unwrap(model).parameters())
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

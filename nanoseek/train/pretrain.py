@@ -182,6 +182,7 @@ def run(args) -> int:
     from nanoseek.data import PackedLoader, corpus_ids, splits, val_batches
     from nanoseek.info import train_flops_per_token
     from nanoseek.model.transformer import Transformer
+    from nanoseek.train import distributed as D
 
     preset = load_preset(args.preset, args.set)
     cfg: PretrainConfig = preset.section("pretrain")
@@ -193,34 +194,46 @@ def run(args) -> int:
                           f"--out")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    if not D.is_main():
+        D.barrier()  # under torchrun rank 0 trains (or finds) the tokenizer first; the other ranks then load it
     tok, tok_dir = build_tokenizer(preset, out, args.tokenizer)
+    if D.is_main():
+        D.barrier()
     if tok.vocab_size > model_cfg.vocab_size:
         raise ConfigError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={model_cfg.vocab_size}; "
                           f"set model.vocab_size >= {tok.vocab_size} or tokenizer.vocab_size lower")
     docs = corpus_ids(data_cfg, tok, "train")
-    loader = PackedLoader(docs, data_cfg.seq_len, cfg.batch_size, seed=data_cfg.seed)
+    loader = PackedLoader(docs, data_cfg.seq_len, cfg.batch_size, seed=data_cfg.seed, rank=D.rank(),
+                          world_size=D.world_size())  # each rank: its rows of the same global batch
     val = val_batches(corpus_ids(data_cfg, tok, "val"), data_cfg.seq_len, cfg.batch_size, cfg.val_batches)
     n_tok = sum(len(d) for d in docs)
     epochs = cfg.steps * cfg.grad_accum * loader.tokens_per_batch / n_tok
-    print(f"pretrain: {len(docs)} documents, {n_tok} tokens, {epochs:.2f} epochs planned; data+tokenizer "
-          f"{time.time() - t0:.1f}s", file=sys.stderr)
+    say = print if D.is_main() else (lambda *a, **k: None)  # one rank speaks under torchrun
+    say(f"pretrain: {len(docs)} documents, {n_tok} tokens, {epochs:.2f} epochs planned; data+tokenizer "
+        f"{time.time() - t0:.1f}s", file=sys.stderr)
 
     torch.manual_seed(cfg.seed)
     model = Transformer(model_cfg)
     files = {f.name: str(f) for f in tok_dir.iterdir() if f.is_file()}
-    (out / "preset.json").write_text(json.dumps(preset.raw, indent=2, sort_keys=True))
+    if D.is_main():
+        (out / "preset.json").write_text(json.dumps(preset.raw, indent=2, sort_keys=True))
     trainer = Trainer(model, cfg, out, lambda m, b: pretrain_loss(m, b, cfg), after_step=[balance_hook(
         cfg.bias_gamma)], extra_files=files, flops_per_token=train_flops_per_token(
-        model_cfg, data_cfg.seq_len, mtp=cfg.mtp_weight > 0), run_info={"preset": str(preset.path)})
+        model_cfg, data_cfg.seq_len, mtp=cfg.mtp_weight > 0), run_info={"preset": str(preset.path)},
+        parallel=preset.section("parallel"))
     if args.resume and trainer.resume(loader):
-        print(f"pretrain: resumed at step {trainer.step}", file=sys.stderr)
+        say(f"pretrain: resumed at step {trainer.step}", file=sys.stderr)
     t_train = time.time()
     last = trainer.fit(loader, val) if trainer.step < cfg.steps else {}
     train_s = time.time() - t_train
 
-    from nanoseek.checkpoint import save
+    from nanoseek.checkpoint import load, save
 
-    save(trainer.raw_model, out / "model", extra_files=files)
+    full = D.FullModel(trainer.raw_model)  # every rank takes part in gathering FSDP shards; rank 0 writes and evals
+    if not D.is_main():
+        return 0
+    save(full, out / "model", extra_files=files)
+    eval_model = load(out / "model") if D.is_sharded(trainer.raw_model) else trainer.raw_model
     summary = {"steps": trainer.step, "train_seconds": train_s, "final_loss": last.get("loss"),
                "val_loss": last.get("val_loss"), "mfu": last.get("mfu"), "tokens": trainer.tokens}
     if cfg.eval_n:
@@ -230,7 +243,7 @@ def run(args) -> int:
             by_task.setdefault(e["task"], []).append(e)
         test = [e for t in by_task.values() for e in t[: cfg.eval_n]]
         t_eval = time.time()
-        summary["greedy"] = greedy_accuracy(trainer.raw_model, tok, test, cfg.eval_max_tokens)
+        summary["greedy"] = greedy_accuracy(eval_model, tok, test, cfg.eval_max_tokens)
         summary["eval_seconds"] = time.time() - t_eval
     (out / "eval.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))
