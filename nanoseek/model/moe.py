@@ -52,7 +52,8 @@ class Gate(nn.Module):
 
 
 class Experts(nn.Module):
-    """Routed experts as stacked weights, so dispatch is one sort and one matmul per expert slice."""
+    """Routed experts as stacked weights: tokens are sorted by expert and run as one grouped matmul per
+    projection (torch's grouped_mm), or, where that kernel cannot run, one matmul per expert slice."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -60,25 +61,71 @@ class Experts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(E, h, d))
         self.up_proj = nn.Parameter(torch.empty(E, h, d))
         self.down_proj = nn.Parameter(torch.empty(E, d, h))
+        self.grouped = True  # False forces the per-expert loop (the plain-PyTorch reference)
 
     def forward(self, x, idx, w):
-        """x [N, d], idx/w [N, K] -> [N, d]. Tokens sorted by expert; no Python loop over tokens."""
+        """x [N, d], idx/w [N, K] -> [N, d], per-expert token counts [E]. No Python loop over tokens."""
         N, K = idx.shape
-        flat = idx.reshape(-1)
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0])
+        E = self.gate_proj.shape[0]
+        flat = idx.reshape(-1)  # [N*K]
+        order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
+        # static-shaped count (bincount's output size depends on the data, which breaks torch.compile graphs)
+        counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
         tok = order // K
         xs = x[tok]  # [N*K, d], grouped by expert
-        ys = torch.empty_like(xs)
-        start = 0
-        for e, n in enumerate(counts.tolist()):
-            if n:
-                xe = xs[start : start + n]
-                h = F.silu(xe @ self.gate_proj[e].t()) * (xe @ self.up_proj[e].t())
-                ys[start : start + n] = h @ self.down_proj[e].t()
-                start += n
-        ys = ys * w.reshape(-1)[order, None].to(ys.dtype)
+        if self.grouped and grouped_mm_ok(xs, self.gate_proj):
+            ys = grouped_swiglu(xs, self.gate_proj, self.up_proj, self.down_proj, counts)
+        else:
+            ys = looped_swiglu(xs, self.gate_proj, self.up_proj, self.down_proj, counts)
+        ys = ys.to(x.dtype) * w.reshape(-1)[order, None].to(x.dtype)  # the K contributions add up in x's dtype
         return torch.zeros_like(x).index_add_(0, tok, ys), counts
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    # grouped_mm is not covered by autocast: cast to the autocast dtype by hand, as F.linear would
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def grouped_mm_ok(xs: torch.Tensor, weight: torch.Tensor) -> bool:
+    """torch's CPU/GPU grouped_mm needs bf16/fp32 operands with 16-byte-aligned rows."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    dt = _compute_dtype(xs)
+    if dt not in (torch.bfloat16, torch.float32):
+        return False
+    E, h, d = weight.shape
+    return (h * dt.itemsize) % 16 == 0 and (d * dt.itemsize) % 16 == 0
+
+
+def grouped_swiglu(xs, gate_proj, up_proj, down_proj, counts):
+    """SwiGLU of expert-sorted rows xs [S, d]: rows offs[e-1]:offs[e] use expert e. Gate and up projections run
+    as one grouped matmul over [E, d, 2h]."""
+    dt = _compute_dtype(xs)
+    h = gate_proj.shape[1]
+    offs = counts.cumsum(0).to(torch.int32)
+    # cat (and the cast) make fresh, aligned weight copies; transposes are views grouped_mm takes as they are
+    w_gu = torch.cat([gate_proj, up_proj], dim=1).to(dt).transpose(1, 2)  # [E, d, 2h]
+    gu = F.grouped_mm(xs.to(dt), w_gu, offs=offs)  # [S, 2h]
+    g, u = gu.split([h, h], dim=-1)
+    w_d = down_proj.to(dt)
+    if not torch.compiler.is_compiling() and w_d.data_ptr() % 16:
+        w_d = w_d.clone()  # e.g. a weight memory-mapped from a checkpoint at an odd offset
+    return F.grouped_mm(F.silu(g) * u, w_d.transpose(1, 2), offs=offs)  # [S, h] x [E, h, d] -> [S, d]
+
+
+def looped_swiglu(xs, gate_proj, up_proj, down_proj, counts):
+    """The plain-PyTorch reference: one matmul per expert slice of the sorted rows."""
+    ys = xs.new_empty(xs.shape[0], down_proj.shape[1], dtype=_compute_dtype(xs))
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            xe = xs[start : start + n]
+            hidden = F.silu(xe @ gate_proj[e].t()) * (xe @ up_proj[e].t())
+            ys[start : start + n] = hidden @ down_proj[e].t()
+            start += n
+    return ys
 
 
 class MoE(nn.Module):
