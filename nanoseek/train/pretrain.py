@@ -40,6 +40,7 @@ class PretrainConfig(LoopConfig):
     eval_n: int = 100  # test questions per task for the greedy accuracy after training (0: skip)
     eval_tasks: list[str] = field(default_factory=list)  # tasks for that eval ([] = data.tasks)
     eval_max_tokens: int = 160  # generated tokens per question
+    student_steps: int = 0  # steps of `nanoseek pretrain --student` (the distillation student's base); 0 = steps
 
 
 # ---- the loss ------------------------------------------------------------------------------------------------
@@ -175,6 +176,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory (metrics, checkpoints, final model)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: train one into OUT/tokenizer)")
+    p.add_argument("--student", action="store_true", help="pretrain the preset's [student] model (the dense base "
+                   "that `nanoseek distill` and `nanoseek rl --student` start from) for pretrain.student_steps")
 
 
 def run(args) -> int:
@@ -188,6 +191,9 @@ def run(args) -> int:
     cfg: PretrainConfig = preset.section("pretrain")
     data_cfg = preset.section("data")
     model_cfg = preset.model
+    if args.student:  # the distillation student: the same recipe on the [student] model config
+        model_cfg = preset.section("student")
+        cfg.steps = cfg.student_steps or cfg.steps
     out = Path(args.out)
     if not args.resume and (complete_checkpoints(out) or (out / "metrics.jsonl").exists()):
         raise ConfigError(f"{out} already holds a pretraining run; pass --resume to continue it, or choose a new "
