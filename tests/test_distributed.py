@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,3 +109,118 @@ def test_two_ranks_pretrain_like_one_and_resume_on_one(strategy, one_rank, tmp_p
     got = dict(resumed["losses"])
     for step in (3,):
         assert abs(got[step] - want[step]) <= TOL, ("resumed", step, got[step], want[step])
+
+
+# ---- the command line under torchrun -------------------------------------------------------------------------
+def cli_env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def pretrain_cmd(out, *extra, nproc: int = 1) -> list[str]:
+    sets = ["pretrain.eval_n=0", "pretrain.progress=false", "pretrain.dtype=fp32", f"pretrain.steps={STEPS}",
+            "pretrain.ckpt_every=2", "pretrain.keep_checkpoints=0", *extra]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    return [*launch, "-m", "nanoseek", "pretrain", "--preset", "smoke", "--out", str(out),
+            *[a for s in sets for a in ("--set", s)]]
+
+
+def losses(out) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(out)}
+
+
+def test_torchrun_fsdp_pretrain_equals_one_process_and_resumes_on_one(tmp_path):
+    import nanoseek
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run(pretrain_cmd(one), check=True, env=cli_env(), capture_output=True, timeout=300)
+    r = subprocess.run(pretrain_cmd(two, "parallel.strategy=fsdp", nproc=2), env=cli_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    want, got = losses(one), losses(two)
+    assert sorted(got) == list(range(1, STEPS + 1)) and sorted(want) == sorted(got)
+    for step in want:
+        assert abs(got[step] - want[step]) <= TOL, (step, got[step], want[step])
+    assert r.stdout.count('"steps"') == 1  # one summary line: only rank 0 speaks
+    # The final model was gathered from the shards and is a whole HF checkpoint.
+    a, b = nanoseek.load(one / "model"), nanoseek.load(two / "model")
+    for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.allclose(va, vb, atol=1e-5), k
+    # Resume the two-rank run on one process from its step-2 checkpoint.
+    shutil.rmtree(complete_checkpoints(two)[-1])
+    subprocess.run(pretrain_cmd(two) + ["--resume"], check=True, env=cli_env(), capture_output=True, timeout=300)
+    got = losses(two)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert abs(got[STEPS] - want[STEPS]) <= TOL
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids = (task / "children").read_text().split()
+        for k in map(int, kids):
+            out += [k, *children(k)]
+    return out
+
+
+def rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    ranks = [int(e[5:]) for e in env if e.startswith(b"RANK=")]
+    return ranks[0] if ranks else None
+
+
+def test_killed_rank_ends_the_job_with_a_clear_error(tmp_path):
+    out = tmp_path / "run"
+    cmd = pretrain_cmd(out, "pretrain.steps=100000", "pretrain.ckpt_every=0", "pretrain.eval_every=0", nproc=2)
+    proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while len(read_metrics(out)) < 3:  # mid-run: a few optimizer steps done
+            assert proc.poll() is None and time.time() < deadline, "the two-rank run did not start"
+            time.sleep(0.2)
+        victims = [p for p in children(proc.pid) if rank_of(p) == 1]
+        assert victims, "no rank-1 worker found"
+        os.kill(victims[0], signal.SIGKILL)
+        log, _ = proc.communicate(timeout=90)  # bounded: the job must end, not hang
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    # torchrun names the root cause; the surviving rank says in one line why it stopped.
+    assert "SIGKILL" in log and "rank      : 1" in log, log[-3000:]
+    assert "nanoseek: rank 0 of 2: lost contact with another rank" in log or "SIGTERM" in log, log[-3000:]
+
+
+HANG = """
+import os, sys, time, torch
+import torch.distributed as dist
+from nanoseek.train import distributed as D
+with D.session(D.ParallelConfig(timeout_s=3)):
+    if D.rank() == 1:
+        time.sleep(40)  # stuck, not dead: only the timeout can notice
+    dist.all_reduce(torch.ones(1))
+print("finished")
+"""
+
+
+def test_stuck_rank_times_out_with_a_clear_error():
+    port = free_port()
+    procs = []
+    t0 = time.time()
+    for r in range(2):
+        env = {**cli_env(), "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-c", HANG], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    try:
+        _, err = procs[0].communicate(timeout=60)
+        assert procs[0].returncode == 1, err[-2000:]
+        assert "rank 0 of 2: lost contact with another rank" in err and "timeout_s=3s" in err, err[-2000:]
+        assert time.time() - t0 < 40  # it gave up on the timeout, not when the stuck rank woke up
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

@@ -167,18 +167,21 @@ def apply_ddp(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def apply_fsdp(model: torch.nn.Module, cfg: ParallelConfig | None = None) -> torch.nn.Module:
-    """FSDP2: shard every decoder block and MTP module, then the rest (embeddings, head, final norm) at the root.
+    """FSDP2: shard every decoder block and MTP block, then the rest (embeddings, head, norms) at the root.
     Works in place: parameters become DTensors sharded on dim 0 (for stacked experts: by expert)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     cfg = cfg or ParallelConfig()
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cfg.fsdp_param_dtype == "bf16" else None,
                               reduce_dtype=torch.float32)
-    blocks = list(model.model.layers) + list(getattr(model, "mtp", []))
-    for i, block in enumerate(blocks):
-        # The last block's weights are needed again first in backward: keep them gathered.
-        fully_shard(block, reshard_after_forward=cfg.reshard_after_forward and i < len(blocks) - 1, mp_policy=mp)
-    fully_shard(model, reshard_after_forward=False, mp_policy=mp)
+    # Every unit reshards after forward, the root too: a forward without backward (val loss, log-probs) must leave
+    # the parameters sharded, as the optimizer and checkpoints know them (torchtitan keeps the root gathered to
+    # save one all-gather; that would leave unsharded parameters behind after an eval forward).
+    # An MTP module's own norms and projection are used outside its block's forward (its head norm after it
+    # returns), so only the block is a unit; they stay with the root.
+    for block in list(model.model.layers) + [m.block for m in getattr(model, "mtp", [])]:
+        fully_shard(block, reshard_after_forward=cfg.reshard_after_forward, mp_policy=mp)
+    fully_shard(model, reshard_after_forward=True, mp_policy=mp)
     return model
 
 
