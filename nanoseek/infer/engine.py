@@ -184,6 +184,8 @@ class Engine:
             raise EngineError(f"request id {request_id!r} is already in use; pick a unique id or pass None")
         if isinstance(prompt_ids, torch.Tensor):
             prompt_ids = prompt_ids.tolist()
+        if isinstance(prompt_ids, str):
+            raise EngineError("prompt ids must be integers (token ids), not text; encode the text first")
         if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
             raise EngineError("the prompt is empty; give at least one token id (e.g. the BOS token)")
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt_ids):
@@ -466,12 +468,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def _load_tokenizer(path):
     from pathlib import Path
 
-    f = Path(path) / "tokenizer.json"
-    if not f.is_file():
+    if not (Path(path) / "tokenizer.json").is_file():
         return None
-    from tokenizers import Tokenizer
+    from nanoseek.tokenizer import load_tokenizer
 
-    return Tokenizer.from_file(str(f))
+    return load_tokenizer(path)
 
 
 def run(args) -> int:
@@ -500,7 +501,7 @@ def run(args) -> int:
         if tokenizer is None:
             raise EngineError("--prompt needs a tokenizer (tokenizer.json in --model DIR); "
                               "with a random model pass --prompt-ids 1,2,3")
-        prompt = tokenizer.encode(args.prompt).ids
+        prompt = tokenizer.encode(args.prompt)
     else:
         prompt = [model.config.bos_token_id or 0]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
