@@ -340,18 +340,20 @@ class Rollout:
     texts: list[str]  # [N] decoded completions (tags kept, EOS dropped): what the rewards read
     rewards: list  # [N] nanoseek.train.rewards.Reward
     truncated: list[bool]  # [N] hit max_completion_length without stopping
+    sampler_logprobs: list = field(default_factory=list)  # [N] the engine's log-probs of the completion tokens
 
     def __len__(self) -> int:
         return len(self.completions)
 
     def select_groups(self, keep: list[int], G: int) -> Rollout:
         idx = [g * G + j for g in keep for j in range(G)]
-        return Rollout(*([getattr(self, f)[i] for i in idx] for f in
-                         ("prompts", "completions", "entries", "texts", "rewards", "truncated")))
+        return Rollout(*([getattr(self, f)[i] for i in idx] for f in ROLLOUT_FIELDS))
 
     def __add__(self, other: Rollout) -> Rollout:
-        return Rollout(*(getattr(self, f) + getattr(other, f) for f in
-                         ("prompts", "completions", "entries", "texts", "rewards", "truncated")))
+        return Rollout(*(getattr(self, f) + getattr(other, f) for f in ROLLOUT_FIELDS))
+
+
+ROLLOUT_FIELDS = ("prompts", "completions", "entries", "texts", "rewards", "truncated", "sampler_logprobs")
 
 
 class PromptStream:
@@ -403,9 +405,9 @@ def sample_rollout(engine, tok, entries: list[dict], cfg: GRPOConfig, seed: int 
     G = cfg.num_generations
     prompts = [prompt_ids(tok, e) for e in entries]
     params = SamplingParams(n=G, temperature=cfg.temperature, top_p=cfg.top_p,
-                            max_tokens=cfg.max_completion_length, seed=seed)
+                            max_tokens=cfg.max_completion_length, seed=seed, logprobs=True)
     outs = engine.generate(prompts, params)  # [P][G] Completion
-    ro = Rollout([], [], [], [], [], [])
+    ro = Rollout([], [], [], [], [], [], [])
     for p, e, group in zip(prompts, entries, outs):
         for c in group:
             ids = list(c.token_ids)
@@ -420,6 +422,7 @@ def sample_rollout(engine, tok, entries: list[dict], cfg: GRPOConfig, seed: int 
             ro.entries.append(e)
             ro.texts.append(text)
             ro.truncated.append(not stopped)
+            ro.sampler_logprobs.append(list(c.logprobs or [])[: len(ids)])
     ro.rewards = R.rewards(ro.texts, ro.entries, tasks.score, lengths=[len(c) for c in ro.completions],
                            prompt_opens_think=cfg.prompt_opens_think, format_weight=cfg.format_weight,
                            max_len=cfg.max_completion_length, overlong_buffer=cfg.overlong_buffer)
@@ -464,6 +467,7 @@ class MicroBatch:
     adv: torch.Tensor  # [B]
     old_logp: torch.Tensor | None = None  # [B, T] log π_old (None: exact as logp.detach() when μ = 1)
     ref_logp: torch.Tensor | None = None  # [B, T] log π_ref (only when β > 0)
+    sampler_logp: torch.Tensor | None = None  # [B, T] the engine's log-probs (a diagnostic: engine vs trainer)
     num_items: float = 0.0  # completion tokens in the whole rollout batch (dapo's denominator)
     n_micro: int = 1  # micro-batches in the optimizer step
 
@@ -480,11 +484,17 @@ def make_micro_batches(ro: Rollout, adv: torch.Tensor, cfg: GRPOConfig, pad_id: 
         L = max(len(ro.prompts[i]) + len(ro.completions[i]) for i in rows)
         ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
         mask = torch.zeros(len(rows), L - 1)
+        sampler = torch.zeros(len(rows), L - 1)
+        have_sampler = all(len(ro.sampler_logprobs) > i and len(ro.sampler_logprobs[i]) == len(ro.completions[i])
+                           for i in rows)
         for b, i in enumerate(rows):
             p, c = ro.prompts[i], ro.completions[i]
             ids[b, : len(p) + len(c)] = torch.tensor(p + c)
             mask[b, len(p) - 1: len(p) - 1 + len(c)] = 1.0  # position t predicts ids[t+1]
-        out.append(MicroBatch(ids, mask, adv[rows], num_items=num_items, n_micro=len(chunks)))
+            if have_sampler and c:
+                sampler[b, len(p) - 1: len(p) - 1 + len(c)] = torch.tensor(ro.sampler_logprobs[i])
+        out.append(MicroBatch(ids, mask, adv[rows], sampler_logp=sampler if have_sampler else None,
+                              num_items=num_items, n_micro=len(chunks)))
     return out
 
 
@@ -515,6 +525,10 @@ def grpo_loss_fn(cfg: GRPOConfig):
                                      mb.mask.to(dev), cfg, num_items=mb.num_items, entropy=ent)
         if cfg.loss_type == "dapo":
             loss = loss * mb.n_micro
+        if mb.sampler_logp is not None:  # how far the engine's sampling log-probs are from the trainer's
+            m = mb.mask.to(dev)
+            stats["sampler_logp_diff"] = float(((logp.detach() - mb.sampler_logp.to(dev)).abs() * m).sum()
+                                               / m.sum().clamp(min=1.0))
         stats["tokens"] = float(mb.mask.sum())
         return loss, stats
 
