@@ -80,6 +80,7 @@ class GRPOConfig:
     max_sample_rounds: int = 3  # dynamic sampling: rollout rounds per step before topping up with flat groups
     dtype: str = "bf16"  # autocast dtype of the policy forward/backward (weights and AdamW state stay fp32)
     engine_dtype: str = "float32"  # dtype of the engine's copy of the weights for rollouts
+    threads: int = 0  # torch CPU threads for rollouts and updates (0: torch's default)
     ckpt_every: int = 10  # RL steps between checkpoints (and at the end)
     log_every: int = 5  # RL steps between progress lines and samples.jsonl entries
 
@@ -589,7 +590,7 @@ def train(model_dir: str | Path, out: str | Path, cfg: GRPOConfig, data_cfg, eng
     loop_cfg = LoopConfig(steps=steps * cfg.mu, lr=cfg.lr, min_lr_ratio=1.0, warmup_steps=cfg.warmup_steps,
                           schedule="constant", weight_decay=cfg.weight_decay, beta1=0.9, beta2=0.99,
                           grad_clip=cfg.grad_clip, dtype=cfg.dtype, seed=cfg.seed, eval_every=0, ckpt_every=0,
-                          keep_checkpoints=2, progress=False)
+                          keep_checkpoints=2, progress=False, threads=cfg.threads)
     trainer = Trainer(policy, loop_cfg, out, grpo_loss_fn(cfg), extra_files=files,
                       run_info={"stage": stage, "model": str(model_dir)})
     done = 0
@@ -670,9 +671,10 @@ def run(args) -> int:
     cfg: GRPOConfig = preset.section("rl")
     stage = "zero" if args.zero else "student_rl" if args.student else "rl"
     steps = (cfg.zero_steps if args.zero else cfg.student_steps if args.student else None) or cfg.steps
-    engine_cfg = preset.section("engine") if "engine" in preset.raw else None
-    if engine_cfg is not None:
-        engine_cfg.dtype = cfg.engine_dtype
+    engine_cfg = preset.section("engine")
+    engine_cfg.dtype = cfg.engine_dtype
+    # One rollout batch runs as one wave: a slot per completion (tiny models decode faster in bigger batches).
+    engine_cfg.max_batch = max(engine_cfg.max_batch, cfg.prompts_per_step * cfg.num_generations)
     t0 = time.time()
     last = train(args.model, args.out, cfg, preset.section("data"), engine_cfg, steps=steps, stage=stage,
                  resume=args.resume)
