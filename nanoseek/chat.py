@@ -99,9 +99,12 @@ class Chat:
         status = f"{tokens} tokens, {tokens / max(secs, 1e-9):.1f} tokens/s"
         status += ", stopped" if reason == "abort" else ""
         self.write(f"\n[{status}]\n", dim=True)
-        # Keep the conversation with the answer only; a reply stopped before any answer leaves no assistant turn.
+        # Keep the conversation with the answer only (never the thinking). A reply stopped before any answer takes
+        # its question back out, so that the next question does not follow an unanswered one.
         if content:
-            self.messages.append({"role": "assistant", "content": content.strip()})
+            self.messages.append({"role": "assistant", "content": content})
+        else:
+            self.messages.pop()
         return {"reasoning": reasoning, "content": content, "finish_reason": reason, "tokens": tokens}
 
     def loop(self, read=input) -> None:

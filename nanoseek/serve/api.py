@@ -214,7 +214,7 @@ class Server:
 
 
 def _single_token_id(tokenizer, text: str) -> int | None:
-    for attr in ("token_to_id", "special_token_id"):
+    for attr in ("token_id", "token_to_id"):
         fn = getattr(tokenizer, attr, None)
         if fn is not None:
             try:

@@ -157,8 +157,10 @@ async function send(text) {
     const rate = secs > 0 ? (tokens / secs).toFixed(1) : "–";
     msg.dataset.tokens = String(tokens);
     stats.textContent = `${tokens} tokens · ${rate} tokens/s` + (msg.dataset.state === "stopped" ? " · stopped" : "");
-    // Only the answer goes back into the conversation, never the thinking.
+    // Only the answer goes back into the conversation, never the thinking. A reply stopped (or failed) before any
+    // answer takes its question back out, so the next question does not follow an unanswered one.
     if (answerText) history.push({ role: "assistant", content: answerText });
+    else history.pop();
     $("input").focus();
   }
 }
