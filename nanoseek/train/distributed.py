@@ -161,9 +161,12 @@ def apply_ddp(model: torch.nn.Module) -> torch.nn.Module:
 
     dev = next(model.parameters()).device
     warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated", category=FutureWarning)
+    # find_unused_parameters: RL and SFT do not run the MTP modules; their parameters get no gradient (None, as on
+    # one process, so AdamW leaves them alone) instead of DDP waiting for them forever.
     # broadcast_buffers=False: the expert load counters are per-rank on purpose (reduced in the balance hook),
     # and the routing biases stay equal because every rank applies the same update from the same global load.
-    return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
+    return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False,
+               find_unused_parameters=True)
 
 
 def apply_fsdp(model: torch.nn.Module, cfg: ParallelConfig | None = None) -> torch.nn.Module:
@@ -291,6 +294,16 @@ def dapo_num_items(local_tokens: float | torch.Tensor) -> float:
     """DAPO divides by the token count of the WHOLE rollout batch. DDP/FSDP then average gradients over W ranks, so
     each rank divides by global_tokens / W: the averaged gradient equals one rank's on the whole batch."""
     return global_count(local_tokens) / world_size()
+
+
+def shard_range(n: int) -> range:
+    """This rank's contiguous share of n items (n % world_size == 0): rows of a global batch, GRPO prompt groups.
+    Whole groups stay on one rank, so each group's rewards and advantages are computed over the whole group."""
+    W, r = world_size(), rank()
+    if n % W:
+        raise ConfigError(f"{n} items cannot be split evenly over {W} ranks; use a multiple of {W} "
+                          f"(e.g. for GRPO: rl.prompts_per_step)")
+    return range(r * n // W, (r + 1) * n // W)
 
 
 # ---- full tensors for checkpoints (FSDP2 parameters are sharded DTensors) ------------------------------------
