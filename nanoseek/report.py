@@ -179,6 +179,28 @@ def plot_heatmap(matrix: list[list[float]], out: Path, title: str, xlabel: str, 
     return True
 
 
+def plot_expert_loads(loads: list[tuple[str, dict]], out: Path) -> bool:
+    """One heatmap per MoE stage, side by side: [layer][expert] tokens routed / the layer's mean."""
+    import numpy as np
+
+    plt = _plt()
+    n = len(loads)
+    layers = max(len(e["expert_load"]) for _, e in loads)
+    fig, axes = plt.subplots(1, n, figsize=(min(16, 1 + 3.2 * n), 1.6 + 0.45 * layers), squeeze=False)
+    vmax = max(max(max(r) / max(sum(r) / len(r), 1e-9) for r in e["expert_load"]) for _, e in loads)
+    im = None
+    for ax, (s, e) in zip(axes[0], loads):
+        m = np.array([[x / max(sum(r) / len(r), 1e-9) for x in r] for r in e["expert_load"]])
+        im = ax.imshow(m, aspect="auto", cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
+        ax.set(title=LABEL.get(s, s), xlabel="routed expert")
+        names = e.get("expert_load_layers") or [str(i) for i in range(len(m))]
+        ax.set_yticks(range(len(m)), names if ax is axes[0][0] else [""] * len(m))
+    fig.colorbar(im, ax=list(axes[0]), label="load / mean")
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
 def plot_stage_costs(records: dict[str, dict], out: Path) -> bool:
     names = [n for n in records if records[n].get("seconds") is not None]
     if not names:
@@ -377,15 +399,13 @@ def write_report(run_dir: str | Path) -> Path:
                        "![expert load over pretraining](plots/expert_load_steps.png)", ""]
     else:
         md += ["No `pretrain/metrics.jsonl`: the pretraining stage is missing or wrote no metrics.", ""]
-    loads = [(s, evals[s]["expert_load"]) for s in EVAL_ORDER if s in evals and evals[s].get("expert_load")]
-    for s, load in loads:
-        rel = [[x / max(sum(r) / len(r), 1e-9) for x in r] for r in load]  # tokens per expert / mean per layer
-        name = f"expert_load_{s}.png"
-        if plot_heatmap(rel, plots / name, f"{LABEL[s]}: tokens per routed expert / layer mean, on its eval answers",
-                        "routed expert", "MoE layer", ylabels=evals[s].get("expert_load_layers")):
-            worst = max(max(r) for r in rel)
-            md += [f"Expert load of **{LABEL[s]}** while answering the eval questions (max/mean {worst:.2f}):", "",
-                   f"![expert load, {LABEL[s]}](plots/{name})", ""]
+    loads = [(s, evals[s]) for s in EVAL_ORDER if s in evals and evals[s].get("expert_load")]
+    if loads and plot_expert_loads(loads, plots / "expert_load_eval.png"):
+        worst = ", ".join(f"{LABEL[s]} {max(max(r) / max(sum(r) / len(r), 1e-9) for r in e['expert_load']):.2f}"
+                          for s, e in loads)
+        md += ["Expert load of each MoE model while re-reading its own eval answers: tokens per routed expert "
+               f"divided by the layer's mean (1 = balanced). Worst max/mean: {worst}.", "",
+               "![expert load per stage](plots/expert_load_eval.png)", ""]
 
     # ---- RL
     md += ["## Reinforcement learning", ""]

@@ -86,6 +86,15 @@ def _fig_train(d: Path) -> str:
     return s + (f", val {v['val_loss']:.3f}" if v else "")
 
 
+def _fig_sft(d: Path) -> str:
+    """Rejection sampling's yield (traces.json, written by sft and distill) and the fine-tune's last loss."""
+    t = read_json(d / "traces.json") or {}
+    s = f"kept {t.get('kept', 0)}/{t.get('sampled', 0)} traces ({t.get('correct', 0)} correct)" if t else ""
+    r = _last(d, "loss")
+    s += (", " if s else "") + (f"loss {r['loss']:.3f}" if r else "no SFT steps (model passed through unchanged)")
+    return s
+
+
 def _fig_rl(d: Path) -> str:
     from nanoseek.report import KEYS
 
@@ -106,12 +115,12 @@ STAGES: list[Stage] = [
     Stage("zero", "rl", ("--zero", "--model", "{model:pretrain}", "--out", "{run}/zero"), model="zero/model",
           figure=_fig_rl),
     Stage("sft", "sft", ("--model", "{model:pretrain}", "--traces-from", "{model:zero}", "--out", "{run}/sft"),
-          model="sft/model", figure=_fig_train),
+          model="sft/model", figure=_fig_sft),
     Stage("rl", "rl", ("--model", "{model:sft}", "--out", "{run}/rl"), model="rl/model", figure=_fig_rl),
     Stage("student_base", "pretrain", ("--student", "--out", "{run}/student_base", "--tokenizer", "{run}/tokenizer"),
           model="student_base/model", figure=_fig_train),
     Stage("distill", "distill", ("--teacher", "{model:rl}", "--student", "{model:student_base}", "--out",
-                                 "{run}/distill"), model="distill/model", figure=_fig_train),
+                                 "{run}/distill"), model="distill/model", figure=_fig_sft),
     Stage("student_rl", "rl", ("--student", "--model", "{model:student_base}", "--out", "{run}/student_rl"),
           model="student_rl/model", figure=_fig_rl),
 ]
