@@ -67,12 +67,12 @@ class Chat:
         self._stop = False
         old = _install_sigint(self._on_sigint)
         t0 = time.perf_counter()
+        aborted = False
         try:
             while reason is None:
-                if self._stop:
-                    self.engine.abort(rid)
-                    reason = "abort"
-                    break
+                if self._stop and not aborted:
+                    self.engine.abort(rid)  # frees the slots now; the next step reports finish_reason "abort"
+                    aborted = True
                 if not self.engine.has_unfinished():
                     reason = "abort"
                     break
