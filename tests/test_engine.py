@@ -72,7 +72,7 @@ def test_greedy_equals_full_forward_argmax_with_continuous_batching(model):
     """9 prompts of different lengths through 4 slots: requests wait, join and leave; every token is the argmax
     of the model's full forward over prompt + tokens so far, and every slot is free at the end."""
     prompts = _prompts(9)
-    engine = Engine(model, None, EngineConfig(max_batch=4, max_model_len=64))
+    engine = Engine(model, None, EngineConfig(max_batch=4, max_model_len=64, threads=1))
     params = SamplingParams(max_tokens=12, temperature=0)
     seen_waiting = False
     rids = [engine.add_request(p, params) for p in prompts]
@@ -98,7 +98,7 @@ def test_greedy_equals_full_forward_argmax_with_continuous_batching(model):
 
 def test_joining_mid_decode(model):
     """A request added while others decode starts at the next step without disturbing them."""
-    engine = Engine(model, None, EngineConfig(max_batch=4, max_model_len=64))
+    engine = Engine(model, None, EngineConfig(max_batch=4, max_model_len=64, threads=1))
     p1, p2 = [3, 4, 5, 6], [7, 8]
     a = engine.add_request(p1, SamplingParams(max_tokens=10, temperature=0))
     toks = {a: []}
@@ -120,7 +120,7 @@ def test_joining_mid_decode(model):
 
 def test_logprobs_equal_full_forward(model):
     """GRPO's old log-probs: log_softmax(logits / T) of the full forward at the sampled tokens."""
-    engine = Engine(model, None, EngineConfig(max_batch=8, max_model_len=64))
+    engine = Engine(model, None, EngineConfig(max_batch=8, max_model_len=64, threads=1))
     prompts = _prompts(3, seed=1)
     for T, top_p in ((0.7, 0.9), (1.0, 1.0), (0.0, 1.0)):
         outs = engine.generate(prompts, SamplingParams(max_tokens=10, temperature=T, top_p=top_p, n=2, seed=5,
@@ -135,7 +135,7 @@ def test_logprobs_equal_full_forward(model):
 
 def test_group_shares_one_prefill(model):
     """n samples prefill the prompt once (one row) and copy its latents to their slots."""
-    engine = Engine(model, None, EngineConfig(max_batch=8, max_model_len=64))
+    engine = Engine(model, None, EngineConfig(max_batch=8, max_model_len=64, threads=1))
     rows = []
     orig = engine.runner.prefill
 
@@ -156,7 +156,7 @@ def test_group_shares_one_prefill(model):
 def test_seeded_sampling_is_reproducible_whatever_the_batch(model):
     p = [11, 12, 13]
     params = SamplingParams(max_tokens=12, temperature=0.9, top_k=40, seed=123)
-    e = Engine(model, None, EngineConfig(max_batch=8, max_model_len=64))
+    e = Engine(model, None, EngineConfig(max_batch=8, max_model_len=64, threads=1))
     alone = e.generate([p], params)[0][0].token_ids
     for q in _prompts(3, seed=3):  # other requests share the batch with the seeded one
         e.add_request(q, SamplingParams(max_tokens=20, temperature=1.0))
@@ -202,7 +202,7 @@ def test_sampler_matches_the_distribution():
 
 def test_stop_strings_stop_tokens_and_streaming_text(model):
     tok = CharTokenizer()
-    engine = Engine(model, tok, EngineConfig(max_batch=4, max_model_len=64))
+    engine = Engine(model, tok, EngineConfig(max_batch=4, max_model_len=64, threads=1))
     p = [1, 2, 3]
     free = engine.generate([p], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0][0]
     text = tok.decode(free.token_ids)
@@ -231,11 +231,11 @@ def test_stop_strings_stop_tokens_and_streaming_text(model):
 def test_tokenizer_eos_stops_unless_ignored(model):
     """Make EOS the greedy choice at some step by biasing the head; the engine stops there."""
     m = _model()
-    free = Engine(m, CharTokenizer(), EngineConfig(max_batch=2, max_model_len=64)).generate(
+    free = Engine(m, CharTokenizer(), EngineConfig(max_batch=2, max_model_len=64, threads=1)).generate(
         [[1, 2]], SamplingParams(max_tokens=10, temperature=0))[0][0]
     with torch.no_grad():
         m.lm_head.weight[EOS] = m.lm_head.weight[free.token_ids[3]] * 1.5  # EOS outranks that token
-    e = Engine(m, CharTokenizer(), EngineConfig(max_batch=2, max_model_len=64))
+    e = Engine(m, CharTokenizer(), EngineConfig(max_batch=2, max_model_len=64, threads=1))
     c = e.generate([[1, 2]], SamplingParams(max_tokens=10, temperature=0))[0][0]
     assert c.finish_reason == "stop" and c.token_ids[-1] == EOS and len(c.token_ids) < 10
     c2 = e.generate([[1, 2]], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0][0]
@@ -243,7 +243,7 @@ def test_tokenizer_eos_stops_unless_ignored(model):
 
 
 def test_abort_frees_slots(model):
-    e = Engine(model, None, EngineConfig(max_batch=3, max_model_len=64))
+    e = Engine(model, None, EngineConfig(max_batch=3, max_model_len=64, threads=1))
     a = e.add_request([1, 2, 3], SamplingParams(max_tokens=40, temperature=1.0, n=2))
     b = e.add_request([4, 5], SamplingParams(max_tokens=40, temperature=1.0, n=2))  # waits: 1 slot left
     e.step()
@@ -265,7 +265,7 @@ def test_abort_frees_slots(model):
 
 
 def test_errors_are_clear(model):
-    e = Engine(model, None, EngineConfig(max_batch=4, max_model_len=32))
+    e = Engine(model, None, EngineConfig(max_batch=4, max_model_len=32, threads=1))
     cases = [
         ([], SamplingParams(), "empty"),
         ([1] * 30, SamplingParams(max_tokens=5), "exceeds the context length 32"),
@@ -292,7 +292,7 @@ def test_errors_are_clear(model):
 def test_generate_does_not_touch_load_statistics(model):
     for m in model.moe_layers():
         m.load.zero_()
-    Engine(model, None, EngineConfig(max_batch=4, max_model_len=64)).generate(
+    Engine(model, None, EngineConfig(max_batch=4, max_model_len=64, threads=1)).generate(
         _prompts(3), SamplingParams(max_tokens=5, temperature=0))
     assert all(int(m.load.sum()) == 0 for m in model.moe_layers())
 
@@ -300,7 +300,7 @@ def test_generate_does_not_touch_load_statistics(model):
 def test_bf16_copy_follows_live_weights():
     """dtype=bfloat16 decodes with a bf16 copy; an in-place weight update (an optimizer step) reaches it."""
     m = _model(seed=4)
-    e = Engine(m, None, EngineConfig(max_batch=2, max_model_len=64, dtype="bfloat16"))
+    e = Engine(m, None, EngineConfig(max_batch=2, max_model_len=64, threads=1, dtype="bfloat16"))
     p = [1, 2, 3, 4]
     c = e.generate([p], SamplingParams(max_tokens=8, temperature=0, logprobs=True))[0][0]
     ref = _full_logits(m, p, c.token_ids).log_softmax(-1).gather(1, torch.tensor(c.token_ids)[:, None])[:, 0]
