@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: one process group for the command
             from nanoseek.train.distributed import session_for
 
+            if not getattr(module, "DISTRIBUTED", False):  # a stage sets DISTRIBUTED = True once it shards its work
+                raise ConfigError(f"`nanoseek {name}` does not split its work across ranks yet, so under torchrun "
+                                  f"every rank would repeat it and write the same files; run it as one process "
+                                  f"(python -m nanoseek {name} ...)")
+
             with session_for(getattr(args, "preset", None), getattr(args, "set", None)):
                 return module.run(args) or 0
         return module.run(args) or 0

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 
 from nanoseek.train.loop import LoopConfig, Trainer, all_reduce_mean, complete_checkpoints
 
+DISTRIBUTED = True  # runs under torchrun: data sharded by rank, DDP/FSDP2 from [parallel] (train/distributed.py)
+
 
 @dataclass
 class PretrainConfig(LoopConfig):
