@@ -305,7 +305,7 @@ def test_streaming_client_disconnect_aborts(server, engine):
     wait_idle(engine)
     before = metric(server, "nanoseek:request_success_total", '{finished_reason="abort"}')
     body = {"model": MODEL, "messages": [{"role": "user", "content": "sing"}], "max_tokens": 100, "stream": True,
-            "temperature": 0}
+            "temperature": 0, "ignore_eos": True}  # runs to max_tokens: surely unfinished when we hang up
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
         got = [next(lines) for _ in range(6)]  # role chunk + a few tokens, then hang up
@@ -322,7 +322,7 @@ def test_non_streaming_client_disconnect_aborts(server, engine):
     wait_idle(engine)
     before = metric(server, "nanoseek:request_success_total", '{finished_reason="abort"}')
     body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "sing"}], "max_tokens": 100,
-                       "temperature": 0}).encode()
+                       "temperature": 0, "ignore_eos": True}).encode()
     sent = []
 
     async def call():
@@ -358,6 +358,7 @@ def test_non_streaming_client_disconnect_aborts(server, engine):
 
 def test_load_200_requests_32_concurrent_10pct_aborted(server, engine, tiny):
     wait_idle(engine)
+    aborts_before = metric(server, "nanoseek:request_success_total", '{finished_reason="abort"}')
     tok = tiny[1]
     prompt_ids = tok.encode_chat(HI)
     statuses, aborted, finished = [], [], []
@@ -368,7 +369,8 @@ def test_load_200_requests_32_concurrent_10pct_aborted(server, engine, tiny):
             abort = i % 10 == 7
             if kind == 0 or abort:  # streaming chat
                 body = {"model": MODEL, "messages": [{"role": "user", "content": "sing" if abort else "hi"}],
-                        "stream": True, "max_tokens": 40 if abort else 24, "temperature": 0.8, "seed": i}
+                        "stream": True, "max_tokens": 40 if abort else 24, "temperature": 0.8, "seed": i,
+                        "ignore_eos": abort}
                 async with http.stream("POST", "/v1/chat/completions", json=body) as r:
                     statuses.append(r.status_code)
                     n = 0
@@ -405,6 +407,8 @@ def test_load_200_requests_32_concurrent_10pct_aborted(server, engine, tiny):
     assert len(aborted) == 20 and len(finished) == 180
     s = wait_idle(engine)  # the cache pool is empty afterwards
     assert s["slots_used"] == 0
+    # Each hung-up stream was aborted on the server (they run to max_tokens=40; we left after 3 events).
+    assert metric(server, "nanoseek:request_success_total", '{finished_reason="abort"}') == aborts_before + 20
     print(f"load: 200 requests in {took:.1f}s")
 
 

@@ -97,8 +97,15 @@ def test_stop_button_aborts_the_reply(page):
     browser, app, engine, tok = page
     browser.eval("document.getElementById('clear').click()")  # a new chat
     browser.eval("document.getElementById('max_tokens').value = '200'")
+    step = engine.step
+
+    def slow_step():  # a slower model: the reply (~30 tokens) takes about a second, so Stop lands mid-reply
+        time.sleep(0.03)
+        return step()
+
+    engine.step = slow_step
     try:
-        ask(browser, "sing")  # thinks "la la la ..." until max_tokens
+        ask(browser, "sing")  # thinks "la la la ..." for a while
         browser.wait_for(f"{LAST}.querySelector('.think-body').textContent.length > 0")
         m = browser.eval(READ_LAST)
         assert m["state"] == "streaming" and m["thinkOpen"]  # open while thinking
@@ -106,6 +113,7 @@ def test_stop_button_aborts_the_reply(page):
         browser.eval("document.getElementById('stop').click()")
         browser.wait_for(f"{LAST}.dataset.state === 'stopped'")
     finally:
+        engine.step = step
         browser.eval("document.getElementById('max_tokens').value = ''")
     m = browser.eval(READ_LAST)
     assert m["stats"].endswith("· stopped") and m["answer"] == ""
