@@ -303,3 +303,11 @@ def test_stuck_rank_times_out_with_a_clear_error():
         for p in procs:
             p.kill()
             p.wait()
+
+
+def test_command_that_does_not_shard_is_refused_under_torchrun(monkeypatch, capsys):
+    from nanoseek.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["eval", "--model", "nowhere"]) == 2  # refused before any process group or model is touched
+    assert "does not split its work across ranks" in capsys.readouterr().err
