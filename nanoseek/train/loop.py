@@ -266,7 +266,7 @@ class Trainer:
     # ---- one optimizer step ------------------------------------------------------------------------------
     def train_step(self, batches: list) -> dict:
         """Forward/backward each micro-batch, clip, AdamW; returns the step's record (also logged)."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         lr = lr_at(self.cfg, self.step)
         for g in self.opt.param_groups:
             g["lr"] = lr
@@ -295,6 +295,8 @@ class Trainer:
         record["tokens"] = self.tokens
         record["tokens_per_s"] = ntok / dt if dt > 0 else 0.0
         record["step_time"] = dt
+        record["cpu_time"] = time.process_time() - c0  # CPU seconds of this process (all threads): on a busy
+        # shared machine, tokens / cpu_time with one thread estimates the quiet-machine speed
         if self.flops_per_token:
             record["mfu"] = record["tokens_per_s"] * self.flops_per_token / (self.peak_tflops * 1e12)
         return record
