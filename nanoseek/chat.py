@@ -89,10 +89,13 @@ class Chat:
                         reasoning += r
                         self.write(r, dim=True)
                     if c:
-                        if not content and reasoning:
-                            self.write("\n\n")  # the answer starts on its own paragraph
+                        shown = c
+                        if not content:  # the answer starts on its own paragraph, after one blank line
+                            shown = c.lstrip("\n")
+                            if reasoning:
+                                self.write("\n" if reasoning.endswith("\n") else "\n\n")
                         content += c
-                        self.write(c)
+                        self.write(shown)
         finally:
             _install_sigint(old)
         secs = time.perf_counter() - t0
@@ -146,12 +149,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--system", default=None, help="a system prompt")
+    p.add_argument("--threads", type=int, default=0, help="torch threads for the engine (0 = torch's default)")
 
 
 def run(args) -> int:
     from nanoseek.serve.api import load_engine
 
-    engine, tokenizer = load_engine(args.model, max_batch=1, max_model_len=args.max_model_len)
+    engine, tokenizer = load_engine(args.model, max_batch=1, max_model_len=args.max_model_len, threads=args.threads)
     sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
                     seed=args.seed)
     Chat(engine, tokenizer, sampling, system=args.system).loop()

@@ -7,6 +7,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -14,8 +16,9 @@ import httpx
 import openai
 import pytest
 from fastapi.testclient import TestClient
-from serve_fixtures import LiveServer, make_engine, script_ids, tiny_model_and_tokenizer
+from serve_fixtures import LiveServer, free_port, make_engine, script_ids, tiny_model_and_tokenizer
 
+import nanoseek
 from nanoseek.serve.api import create_app
 
 MODEL = "tiny-r1"
@@ -473,3 +476,37 @@ def test_terminal_chat_ctrl_c_stops_the_reply_not_the_program(tiny):
     assert chat.messages == []  # stopped before any answer: the question is taken back
     assert chat.reply("hi")["content"] == "\nHello! How can I help?"  # and the program goes on
     assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C handling restored
+
+
+def test_nanoseek_serve_command(tiny, tmp_path):
+    """`nanoseek serve --model DIR` end to end: loads in the background (/health 503, then 200), serves the
+    client under --served-model-name with --api-key, and stops cleanly on Ctrl-C."""
+    model, tok = tiny
+    nanoseek.save(model, tmp_path / "ckpt")
+    tok.save(tmp_path / "ckpt")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", "--model", str(tmp_path / "ckpt"),
+                             "--port", str(port), "--served-model-name", "mine", "--api-key", "k",
+                             "--max-model-len", "128", "--threads", "1", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        codes = []
+        deadline = time.time() + 90
+        while not codes or codes[-1] != 200:
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() else codes
+            try:
+                codes.append(httpx.get(f"http://127.0.0.1:{port}/health").status_code)
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert set(codes) <= {503, 200}
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=60)
+        assert c.models.list().data[0].max_model_len == 128
+        r = c.chat.completions.create(model="mine", messages=HI, temperature=0)
+        assert r.choices[0].message.content == "\nHello! How can I help?"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            assert proc.wait(30) in (0, 130)
+        finally:
+            if proc.poll() is None:
+                proc.kill()

@@ -532,10 +532,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=32, help="concurrently running sequences (cache slots)")
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + completion tokens (default: engine's)")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY)
+    p.add_argument("--threads", type=int, default=0, help="torch threads for the engine (0 = torch's default)")
     p.add_argument("--log-level", default="info")
 
 
-def load_engine(model_dir: str, max_batch: int = 32, max_model_len: int | None = None):
+def load_engine(model_dir: str, max_batch: int = 32, max_model_len: int | None = None, threads: int = 0):
     """(Engine, tokenizer) for a checkpoint directory."""
     import nanoseek
     from nanoseek.infer.engine import Engine, EngineConfig
@@ -543,9 +544,9 @@ def load_engine(model_dir: str, max_batch: int = 32, max_model_len: int | None =
 
     tokenizer = load_tokenizer(model_dir)
     model = nanoseek.load(model_dir)
-    cfg = EngineConfig(max_batch=max_batch)
-    if max_model_len is not None:
-        cfg.max_model_len = max_model_len
+    if max_model_len is None:  # the engine's default, within what the model's positions allow
+        max_model_len = min(EngineConfig.max_model_len, model.config.max_position_embeddings)
+    cfg = EngineConfig(max_batch=max_batch, max_model_len=max_model_len, threads=threads)
     return Engine(model, tokenizer, cfg), tokenizer
 
 
@@ -555,7 +556,7 @@ def run(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     name = args.served_model_name or Path(args.model).resolve().name
     app = create_app(None, None, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                     loader=lambda: load_engine(args.model, args.max_batch, args.max_model_len))
+                     loader=lambda: load_engine(args.model, args.max_batch, args.max_model_len, args.threads))
     t0 = time.perf_counter()
     log.info("serving %s on http://%s:%d (chat page at /, API at /v1)", name, args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
