@@ -20,7 +20,7 @@ from nanoseek.config import ConfigError
 from nanoseek.model.transformer import Transformer
 from nanoseek.train import loop
 from nanoseek.train.loop import LoopConfig, Trainer, complete_checkpoints, lr_at, read_metrics
-from nanoseek.train.pretrain import PretrainConfig, balance_hook, greedy_generate, pretrain_loss
+from nanoseek.train.pretrain import PretrainConfig, balance_hook, greedy_accuracy, pretrain_loss
 from tests.tiny import tiny
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,23 +181,31 @@ def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch):
     assert [r["loss"] for r in read_metrics(tmp_path / "a")] == [r["loss"] for r in read_metrics(tmp_path / "b")]
 
 
-def test_greedy_generate_matches_full_forward():
-    torch.manual_seed(0)
-    m = Transformer(tiny()).eval()
-    prompts = [[5, 6, 7, 8, 9], [3, 4]]
-    got = greedy_generate(m, prompts, max_new=6, eos_id=-1)
-    for p, g in zip(prompts, got):
-        seq = list(p)
-        for _ in range(6):
-            seq.append(int(m(torch.tensor([seq])).logits[0, -1].argmax()))
-        assert g == seq[len(p):]
+def test_greedy_accuracy_scores_the_answer_tag(monkeypatch):
+    from nanoseek.infer import engine as engine_mod
+    from nanoseek.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["What is 2 + 3? <answer>5</answer> </think>"] * 4, vocab_size=300)
+    replies = ["carry 1\n</think>\n<answer>5</answer>", "</think>\n<answer>6</answer>", "no answer tag 5",
+               "</think>\n<answer>12</answer>"]
+
+    def fake_generate(self, prompts, params):
+        assert params.temperature == 0.0  # greedy
+        return [[type("C", (), {"token_ids": tok.encode(r) + [tok.eos_id]})()] for r in replies[: len(prompts)]]
+
+    monkeypatch.setattr(engine_mod.Engine, "generate", fake_generate)
+    entries = [{"task": "add", "question": "What is 2 + 3?", "answer": "5"}] * 3 + \
+        [{"task": "mul", "question": "What is 3 * 4?", "answer": "12"}]
+    got = greedy_accuracy(Transformer(tiny(vocab_size=300)), tok, entries, max_new=8)
+    assert got["add"] == {"acc": pytest.approx(1 / 3), "n": 3, "answer_rate": pytest.approx(2 / 3)}
+    assert got["mul"]["acc"] == 1.0
 
 
 # ---- crash safety: SIGKILL a real pretraining run, resume, compare -------------------------------------------
 STEPS = 14
 SETS = ["data.train_size=150", "data.val_size=10", "data.test_size=10", "data.ood_size=5",
         f"pretrain.steps={STEPS}", "pretrain.ckpt_every=2", "pretrain.keep_checkpoints=3", "pretrain.eval_every=5",
-        "pretrain.eval_n=0", "pretrain.progress=false", "pretrain.warmup_steps=3"]
+        "pretrain.eval_n=3", "pretrain.progress=false", "pretrain.warmup_steps=3"]
 
 
 def _cmd(out, tok=None, resume=False):
@@ -271,6 +279,8 @@ def test_sigkill_then_resume_gives_identical_losses(tmp_path):
     for k in ("loss", "mtp_loss", "aux_loss", "grad_norm", "lr", "load_max_mean", "val_loss"):
         assert [r.get(k) for r in a] == [r.get(k) for r in b], f"{k} differs after kill at step ~{killed_after}"
     assert all(math.isfinite(r["loss"]) for r in a)
+    ev = json.loads((crash / "eval.json").read_text())["greedy"]  # the base model's greedy eval ran, per task
+    assert set(ev) == {"add", "sort", "countdown"} and all(v["n"] == 3 and 0 <= v["acc"] <= 1 for v in ev.values())
     ma, mb = nanoseek.load(ref / "model"), nanoseek.load(crash / "model")
     for (k, va), vb in zip(ma.state_dict().items(), mb.state_dict().values()):
         assert torch.equal(va, vb), k

@@ -94,57 +94,24 @@ def balance_hook(gamma: float):
     return hook
 
 
-# ---- greedy evaluation (until the engine serves this) ---------------------------------------------------------
-@torch.no_grad()
-def greedy_generate(model, prompts: list[list[int]], max_new: int, eos_id: int, batch_size: int = 64) -> list:
-    """Greedy completions (token ids, EOS excluded) over the latent cache, `batch_size` prompts at a time."""
-    from nanoseek.infer.cache import LatentCache
-
-    model.eval()
-    dev = model_device(model)
-    out = []
-    for s in range(0, len(prompts), batch_size):
-        chunk = prompts[s: s + batch_size]
-        B, lens = len(chunk), [len(p) for p in chunk]
-        max_len = max(lens) + max_new
-        cache = LatentCache(model.config, B, max_len, device=dev, mtp=False)
-        x = torch.zeros(B, max(lens), dtype=torch.long)
-        for b, p in enumerate(chunk):
-            x[b, : len(p)] = torch.tensor(p)  # right-padded; garbage latents past a row's end are overwritten
-        slots = torch.arange(B, device=dev)
-        logits = model(x.to(dev), cache=cache, slots=slots, start_pos=torch.zeros(B, dtype=torch.long)).logits
-        nxt = logits[torch.arange(B), torch.tensor(lens) - 1].argmax(-1)  # [B]
-        pos = torch.tensor(lens, device=dev)
-        gen = [[] for _ in range(B)]
-        done = torch.zeros(B, dtype=torch.bool)
-        for _ in range(max_new):
-            for b in range(B):
-                if not done[b]:
-                    if int(nxt[b]) == eos_id:
-                        done[b] = True
-                    else:
-                        gen[b].append(int(nxt[b]))
-            if bool(done.all()):
-                break
-            logits = model(nxt[:, None].to(dev), cache=cache, slots=slots, start_pos=pos).logits  # [B, 1, V]
-            nxt = logits[:, -1].argmax(-1).cpu()
-            pos = pos + 1
-        out.extend(gen)
-    return out
-
-
+# ---- greedy evaluation ---------------------------------------------------------------------------------------
 def greedy_accuracy(model, tok, entries: list[dict], max_new: int = 160) -> dict:
-    """Greedy accuracy per task on `entries`, asked with the R1 prompt (the one RL uses): {task: {acc, n,
-    format}}. The answer is read strictly from <answer>…</answer> after </think>, scored by the task."""
+    """Greedy accuracy per task on `entries` through the engine, asked with the R1 prompt (the one RL uses):
+    {task: {acc, n, answer_rate}}. The answer is read strictly from <answer>…</answer> after </think> and scored
+    by the task's scorer."""
     from nanoseek import tasks
     from nanoseek.data import prompt_messages
+    from nanoseek.infer.engine import Engine, EngineConfig
+    from nanoseek.infer.sampling import SamplingParams
     from nanoseek.train.rewards import extract_answer
 
     prompts = [tok.encode_chat(prompt_messages(e, r1=True)) for e in entries]
-    outs = greedy_generate(model, prompts, max_new, tok.eos_id)
+    engine = Engine(model.eval(), tok, EngineConfig(max_batch=64, max_model_len=max(map(len, prompts)) + max_new))
+    done = engine.generate(prompts, SamplingParams(max_tokens=max_new, temperature=0.0))
+    outs = [c[0].token_ids for c in done]
     per: dict[str, dict] = {}
     for e, ids in zip(entries, outs):
-        text = tok.decode(ids)
+        text = tok.decode([i for i in ids if i != tok.eos_id])
         ans = extract_answer(text)
         r = per.setdefault(e["task"], {"correct": 0.0, "n": 0, "answered": 0})
         r["n"] += 1
