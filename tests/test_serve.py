@@ -195,6 +195,10 @@ BAD = [
     ({"model": MODEL, "messages": HI, "top_p": 0}, 400, "top_p"),
     ({"model": MODEL, "messages": HI, "top_p": 1.5}, 400, "top_p"),
     ({"model": MODEL, "messages": HI, "n": 0}, 400, "n"),
+    ({"model": MODEL, "messages": HI, "n": 9}, 400, "n"),  # more samples than the engine's 8 cache slots
+    ({"model": MODEL, "messages": HI, "stop_token_ids": [10**6]}, 400, "stop_token_ids"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     400, "messages.0.content"),
     ({"model": MODEL, "messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
     ({"model": MODEL, "messages": []}, 400, "messages"),
     ({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),

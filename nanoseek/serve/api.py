@@ -16,6 +16,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -202,7 +203,10 @@ class Server:
         try:
             return await self.aengine.add(prompts, params, request_id)
         except (EngineError, ValueError) as e:
-            raise APIError(400, str(e)) from None
+            # The engine's messages start with the field they are about ("n=5 samples need ...", "top_k: ...").
+            m = re.match(r"(\w+)\s*[=:]", str(e))
+            param = m.group(1) if m and m.group(1) in P.ChatCompletionRequest.model_fields else None
+            raise APIError(400, str(e), param=param) from None
 
     def usage(self, handle: Handle, reasoning_tokens: int | None) -> dict:
         completion = sum(handle.stats.tokens.values())

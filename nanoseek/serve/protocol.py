@@ -64,6 +64,16 @@ class ChatMessage(_Request):
     name: str | None = None
     reasoning_content: str | None = None
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, v):
+        if isinstance(v, list):
+            for part in v:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                if kind != "text":
+                    raise ValueError(f"only text content parts are supported, got a {kind!r} part; send the text")
+        return v
+
     @model_validator(mode="after")
     def _no_reasoning_sent_back(self):
         if self.reasoning_content is not None:
