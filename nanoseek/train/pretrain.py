@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from nanoseek.train.loop import LoopConfig, Trainer, all_reduce_mean, complete_checkpoints
+from nanoseek.train.loop import LoopConfig, Trainer, all_reduce_mean, complete_checkpoints, read_metrics
 
 DISTRIBUTED = True  # runs under torchrun: data sharded by rank, DDP/FSDP2 from [parallel] (train/distributed.py)
 
@@ -121,6 +121,17 @@ def greedy_accuracy(model, tok, entries: list[dict], max_new: int = 160) -> dict
             for t, r in per.items()}
 
 
+def speed_summary(records: list[dict], trainer: Trainer) -> dict:
+    """Whole-run throughput: tokens over summed step time (wall) and over summed CPU time, and MFU from the former."""
+    step_s = sum(r.get("step_time", 0.0) for r in records)
+    cpu_s = sum(r.get("cpu_time", 0.0) for r in records)
+    tokens = sum(r.get("tokens_per_s", 0.0) * r.get("step_time", 0.0) for r in records)
+    tps = tokens / step_s if step_s else 0.0
+    mfu = tps * trainer.flops_per_token / (trainer.peak_tflops * 1e12) if trainer.peak_tflops else None
+    return {"tokens_per_s": tps, "tokens_per_cpu_s": tokens / cpu_s if cpu_s else 0.0, "step_seconds": step_s,
+            "cpu_seconds": cpu_s, "mfu": mfu, "peak_tflops": trainer.peak_tflops}
+
+
 # ---- the stage -----------------------------------------------------------------------------------------------
 def build_tokenizer(preset, out: Path, given: str | None):
     from nanoseek.data import corpus_texts
@@ -210,7 +221,7 @@ def run(args) -> int:
     save(full, out / "model", extra_files=files)
     eval_model = load(out / "model") if D.is_sharded(trainer.raw_model) else trainer.raw_model
     summary = {"steps": trainer.step, "train_seconds": train_s, "final_loss": last.get("loss"),
-               "val_loss": last.get("val_loss"), "mfu": last.get("mfu"), "tokens": trainer.tokens}
+               "val_loss": last.get("val_loss"), "tokens": trainer.tokens, **speed_summary(read_metrics(out), trainer)}
     if cfg.eval_n:
         test = [e for e in splits(data_cfg)["test"] if not cfg.eval_tasks or e["task"] in cfg.eval_tasks]
         by_task: dict[str, list] = {}
