@@ -360,6 +360,45 @@ def test_non_streaming_client_disconnect_aborts(server, engine):
         time.sleep(0.05)
 
 
+def test_async_engine_stream_cancel_aborts_and_frees_slots(tiny):
+    from nanoseek.infer.sampling import SamplingParams
+    from nanoseek.serve.async_engine import AsyncEngine
+
+    model, tok = tiny
+    eng = make_engine(model, tok, max_batch=2, max_model_len=MAX_LEN)
+    aengine = AsyncEngine(eng)
+    aengine.start()
+    params = SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)
+    prompt = tok.encode_chat(HI)
+
+    async def main():
+        # Full run: the tokens are the script's, then the last output says "length".
+        outs = [o async for o in aengine.stream(prompt, SamplingParams(max_tokens=5, temperature=0), "a")]
+        assert [t for o in outs for t in o.token_ids] == script_ids(tok, "hi")[:5]
+        assert outs[-1].finished and outs[-1].finish_reason == "length"
+        # Cancelling the consumer aborts the request.
+        got = asyncio.Event()
+
+        async def consume():
+            async for o in aengine.stream(prompt, params, "b"):
+                if o.token_ids:
+                    got.set()
+
+        task = asyncio.create_task(consume())
+        await got.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    try:
+        asyncio.run(main())
+        wait_idle(eng)
+        assert aengine.steps < 100  # "b" (100 tokens) did not run to the end
+    finally:
+        aengine.stop()
+    assert not aengine.ready
+
+
 # ---- bounded load test ----
 
 
