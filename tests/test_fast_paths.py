@@ -80,3 +80,25 @@ def test_model_grouped_equals_loop(variant):
     assert (l1 - l0).abs().max() <= 1e-5
     for n in g0:
         assert (g1[n] - g0[n]).abs().max() <= 1e-5 * max(1.0, g0[n].abs().max().item()), n
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_padded_value_attention_equals_math_path(autocast):
+    from nanoseek.model.attention import causal_attention
+
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, 40, 24, requires_grad=True), torch.randn(2, 3, 40, 24, requires_grad=True)
+    v = torch.randn(2, 3, 40, 16, requires_grad=True)
+    g = torch.randn(2, 3, 40, 16)
+    outs = []
+    for pad in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            o = causal_attention(q, k, v, 0.2, pad_v=pad)
+        grads = torch.autograd.grad(o, (q, k, v), g)
+        outs.append((o.detach().float(), [t.float() for t in grads]))
+    tol = 1e-5 if not autocast else 3e-2
+    (o1, g1), (o0, g0) = outs
+    assert o1.shape == o0.shape == (2, 3, 40, 16)
+    assert (o1 - o0).abs().max() <= tol * o0.abs().max()
+    for a, b in zip(g1, g0):
+        assert (a - b).abs().max() <= tol * b.abs().max()

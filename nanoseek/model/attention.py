@@ -64,8 +64,7 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.dn, self.dv], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, H, T, dn+dr]
         k = torch.cat([k_nope, k_pe[:, :, None].expand(B, T, H, self.dr)], dim=-1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, scale=self.scale)
-        return out.transpose(1, 2)  # [B, T, H, dv]
+        return causal_attention(q, k, v.transpose(1, 2), self.scale).transpose(1, 2)  # [B, T, H, dv]
 
     def _absorbed(self, q_nope, q_pe, kv_cache, slots, start_pos):
         B, T, H, _ = q_nope.shape
@@ -83,3 +82,15 @@ class MLA(nn.Module):
         p = scores.softmax(dim=-1).to(q_lat.dtype)  # [B, H, T, S]
         o_lat = torch.einsum("bhts,bsr->bthr", p, c_kv.to(p.dtype))
         return torch.einsum("bthr,hvr->bthv", o_lat, w_uv.to(o_lat.dtype))  # [B, T, H, dv]
+
+
+def causal_attention(q, k, v, scale: float, pad_v: bool = True):
+    """q, k [B, H, T, d_qk], v [B, H, T, d_v] -> [B, H, T, d_v]. MLA's values are narrower than its queries/keys
+    (128 vs 192 in V3), and SDPA's fused CPU kernel (flash attention, no T x T score matrix) needs them equal; so
+    v gets zero columns up to d_qk and the output is sliced back: the zeros only add zero outputs. pad_v=False
+    lets SDPA pick its (unfused, T x T) math path instead."""
+    dqk, dv = q.shape[-1], v.shape[-1]
+    if pad_v and dv < dqk:
+        out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, dqk - dv)), is_causal=True, scale=scale)
+        return out[..., :dv]
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
