@@ -92,6 +92,9 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, self.rope_scale, positions)
         prefill = cache is None or not bool(start_pos.any())
         x = self.model.embed_tokens(input_ids)
+        # the MoE layers this call runs (not model.moe_layers(): walking modules() after they set aux_loss breaks
+        # torch.compile graphs, and MTP blocks that do not run now must not add a stale loss)
+        ran = [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
         for i, layer in enumerate(self.model.layers):
             kw = {} if cache is None else dict(kv_cache=cache.layer(i), slots=slots, start_pos=start_pos)
             x = layer(x, cos, sin, prefill=prefill, **kw)
@@ -106,9 +109,11 @@ class Transformer(nn.Module):
                 emb = self.model.embed_tokens(input_ids[:, k:])
                 c, s = cos[:, : T - k], sin[:, : T - k]
                 h_prev = module(h_prev[:, : T - k], emb, c, s, prefill=True)
+                if isinstance(module.block.mlp, MoE):
+                    ran.append(module.block.mlp)
                 out.mtp_logits.append(self.lm_head(module.norm(h_prev)))
         if self.training:
-            losses = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+            losses = [m.aux_loss for m in ran if m.aux_loss is not None]
             out.aux_loss = torch.stack(losses).sum() if losses else None
         return out
 
