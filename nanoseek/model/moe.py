@@ -89,12 +89,13 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def grouped_mm_ok(xs: torch.Tensor, weight: torch.Tensor) -> bool:
-    """torch's CPU/GPU grouped_mm needs bf16/fp32 operands with 16-byte-aligned rows."""
+    """torch's CPU/GPU grouped_mm needs bf16/fp32 operands (bf16 under torch.compile) with 16-byte-aligned
+    rows."""
     if not hasattr(F, "grouped_mm"):
         return False
     dt = _compute_dtype(xs)
-    if dt not in (torch.bfloat16, torch.float32):
-        return False
+    if dt not in (torch.bfloat16, torch.float32) or (torch.compiler.is_compiling() and dt != torch.bfloat16):
+        return False  # torch 2.13's compiled grouped_mm takes bf16 only
     E, h, d = weight.shape
     return (h * dt.itemsize) % 16 == 0 and (d * dt.itemsize) % 16 == 0
 
