@@ -71,7 +71,7 @@ def test_page_streams_folds_thinking_and_strips_it_from_history(page):
     ask(browser, "hi")
     browser.wait_for(f"{LAST}.dataset.state === 'done'")
     m = browser.eval(READ_LAST)
-    assert m["answer"] == "\nHello! How can I help?"
+    assert m["answer"] == "Hello! How can I help?"  # shown without the newline after </think>
     assert m["thinking"] == "The user says hi.\n"
     assert not m["thinkHidden"] and not m["thinkOpen"]  # folded once the answer started
     assert re.fullmatch(r"Thought for \d+\.\d s", m["summary"]), m["summary"]
@@ -82,7 +82,7 @@ def test_page_streams_folds_thinking_and_strips_it_from_history(page):
     ask(browser, "What is 2+3?")
     browser.wait_for(f"{LAST}.dataset.state === 'done'")
     m = browser.eval(READ_LAST)
-    assert m["answer"] == "\n<answer>5</answer>" and m["thinking"] == "2+3=5\n"
+    assert m["answer"] == "<answer>5</answer>" and m["thinking"] == "2+3=5\n"
     # What the page sent the second time: the earlier answer without its thinking.
     sent = app.bodies[-1]
     assert sent["stream"] is True and sent["temperature"] == 0
@@ -125,5 +125,5 @@ def test_stop_button_aborts_the_reply(page):
     # The page still works after a stop, and the stopped question (no answer) was taken out of the history.
     ask(browser, "hi")
     browser.wait_for(f"{LAST}.dataset.state === 'done'")
-    assert browser.eval(READ_LAST)["answer"] == "\nHello! How can I help?"
+    assert browser.eval(READ_LAST)["answer"] == "Hello! How can I help?"
     assert app.bodies[-1]["messages"] == [{"role": "user", "content": "hi"}]

@@ -132,7 +132,7 @@ async function send(text) {
           tFirst ??= performance.now();
           if (!think.hidden) foldThinking();
           answerText += d.content;
-          answer.textContent = answerText;
+          answer.textContent = answerText.replace(/^\s+/, ""); // shown without the newline after </think>
           chunks++;
         }
         if (choice.finish_reason) msg.dataset.finishReason = choice.finish_reason;
