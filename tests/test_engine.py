@@ -58,6 +58,7 @@ def test_runner_decode_equals_full_forward(variant):
         x = torch.randint(0, cfg.vocab_size, (B, 20))
         cache = LatentCache(cfg, 6, 32)
         r = Runner(m, cache)
+        r.sync()
         slots = torch.tensor([5, 1, 3, 0][:B])
         with torch.no_grad():
             full = m(x).logits

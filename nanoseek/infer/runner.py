@@ -1,20 +1,22 @@
 """The decode step of the engine: T new tokens per running sequence over the latent cache, written for speed.
 
-The model's own cached forward (model/transformer.py) is the reference; this is the same math with fewer ops and
-no host synchronisation, so that a decode step is cheap in eager mode and one graph under torch.compile:
-- absorbed MLA (DeepSeek-V2 §2.1, V3 inference/model.py): W_UK folded into the query, W_UV applied after the
-  attention, and the two score terms fused into ONE matmul over the cached row [c_kv ‖ k_pe]:
-  (W_UK^T q_nope ‖ q_pe) · (c_kv ‖ k_pe) = q_nope·k_nope + q_pe·k_pe;
-- MoE for the few tokens of a decode step without the sort/bincount dispatch (which needs a host sync): gather
-  the chosen experts' weights when tokens × top-k < experts, else run every expert with a zero gate for the
-  unchosen ones (exact: the model's output is the same weighted sum);
+The model's own cached forward (model/transformer.py) is the reference; this is the same math in fewer ops and
+without host synchronisation (at the sizes we run on a CPU a decode step costs its op count, not its FLOPs):
+- absorbed MLA (DeepSeek-V2 §2.1, "W_UK can be absorbed into W_UQ, and W_UV into W_O"): the query weights are
+  folded with W_UK (and the softmax scale), the output projection with W_UV, and the two score terms become ONE
+  matmul over the cached row [c_kv ‖ k_pe]: (W_UK^T q_nope ‖ q_pe) · (c_kv ‖ k_pe) = q_nope·k_nope + q_pe·k_pe;
+  the query down-projection and kv_a_proj_with_mqa (both read the block input) are one matmul;
+- MoE for the few tokens of a decode step without the sort/count dispatch: gather the chosen experts' weights when
+  tokens x top-k < experts, else run every expert as two matmuls with a zero gate for the unchosen ones (the
+  same weighted sum the model computes);
 - no MoE load statistics are counted: generating must not move the balance bias (V3 eq. 16) of a model in training.
-tests/test_engine.py checks it against the model's full forward.
+The folded weights are derived from the live parameters and re-derived whenever those change (an optimizer step
+bumps their version counters), so one engine serves a model that RL keeps training. In `dtype` bf16 they are
+bf16 copies. Prefill runs the model itself (expanded MLA). tests/test_engine.py checks both against the full
+forward.
 """
 
 from __future__ import annotations
-
-import copy
 
 import torch
 import torch.nn.functional as F
@@ -24,43 +26,81 @@ from nanoseek.model.rope import apply_rope, rope_cos_sin
 
 
 class Runner:
-    """Runs `model` (or a lower-precision copy of it, kept in sync with the live weights) over a LatentCache."""
-
     def __init__(self, model, cache, dtype: torch.dtype = torch.float32, compile: bool = False):
-        self.src = model
-        self.cache = cache
-        self.dtype = dtype
-        self.model = model
-        if dtype != next(model.parameters()).dtype:
-            # A copy in `dtype`; buffers (router bias, rope frequencies) stay fp32. Re-synced when the live
-            # weights change (an optimizer step bumps the tensors' version counters), so RL can keep one engine.
-            self.model = copy.deepcopy(model)
-            for p in self.model.parameters():
-                p.requires_grad_(False)
-                p.data = p.data.to(dtype)
-            self._versions = None
-        cfg = model.config
-        self.cfg = cfg
+        self.model, self.cache, self.dtype = model, cache, dtype
+        self.cfg = cfg = model.config
         self.L = cfg.num_hidden_layers
+        self._versions = None
+        self.w: dict = {}
         self._decode = torch.compile(self._decode_impl, dynamic=True) if compile else self._decode_impl
         self._mtp = torch.compile(self._mtp_impl, dynamic=True) if compile else self._mtp_impl
 
-    # ---- weights -------------------------------------------------------------------------------------------
+    # ---- derived weights -----------------------------------------------------------------------------------
     def sync(self) -> None:
-        """Copy the live weights into the low-precision copy if they changed since the last call."""
-        if self.model is self.src:
-            return
-        versions = tuple(p._version for p in self.src.parameters()) + tuple(b._version for b in self.src.buffers())
-        if versions == self._versions:
-            return
-        with torch.no_grad():
-            for p_lp, p in zip(self.model.parameters(), self.src.parameters(), strict=True):
-                p_lp.copy_(p)
-            for b_lp, b in zip(self.model.buffers(), self.src.buffers(), strict=True):
-                b_lp.copy_(b)
-        self._versions = versions
+        """Re-derive the folded weights if any live parameter or buffer changed since the last call."""
+        m = self.model
+        versions = tuple(t._version for t in m.parameters()) + tuple(b._version for b in m.buffers())
+        if versions != self._versions:
+            with torch.no_grad():
+                self.w = self._derive()
+            self._versions = versions
 
-    # ---- full-model entry points ---------------------------------------------------------------------------
+    def _derive(self) -> dict:
+        m, dt = self.model, self.dtype
+
+        def c(t):
+            return t.detach().to(dt).contiguous()
+
+        blocks = list(m.model.layers) + [mod.block for mod in m.mtp]
+        w = dict(embed=c(m.model.embed_tokens.weight), norm=c(m.model.norm.weight), head=c(m.lm_head.weight),
+                 blocks=[self._derive_block(b, c) for b in blocks])
+        if len(m.mtp):
+            mod = m.mtp[0]
+            w["mtp"] = dict(enorm=c(mod.enorm.weight), hnorm=c(mod.hnorm.weight), eh=c(mod.eh_proj.weight),
+                            norm=c(mod.norm.weight))
+        return w
+
+    def _derive_block(self, blk, c) -> dict:
+        mla, cfg = blk.self_attn, self.cfg
+        H, dn, dr, dv, r = mla.n_heads, mla.dn, mla.dr, mla.dv, mla.r
+        kvb = mla.kv_b_proj.weight.float().view(H, dn + dv, r)
+        w_uk, w_uv = kvb[:, :dn], kvb[:, dn:]  # [H, dn, r], [H, dv, r]
+        qb = (mla.q_proj if cfg.q_lora_rank is None else mla.q_b_proj).weight.float()
+        qb = qb.view(H, dn + dr, qb.shape[-1])
+        q_lat = torch.einsum("hdr,hdc->hrc", w_uk, qb[:, :dn])  # W_UK^T W_UQ: [H, r, q_in]
+        # rows: every head's latent query, then every head's rope query; the softmax scale folded in
+        w_q = torch.cat([q_lat.reshape(H * r, -1), qb[:, dn:].reshape(H * dr, -1)]) * mla.scale
+        kva = mla.kv_a_proj_with_mqa.weight.float()
+        o = mla.o_proj.weight.float()
+        w_o = torch.einsum("dhv,hvr->dhr", o.view(o.shape[0], H, dv), w_uv).reshape(o.shape[0], H * r)  # W_O W_UV
+        b = dict(ln1=c(blk.input_layernorm.weight), ln2=c(blk.post_attention_layernorm.weight), w_o=c(w_o),
+                 kv_norm=c(mla.kv_a_layernorm.weight), eps=blk.input_layernorm.eps, kv_eps=mla.kv_a_layernorm.eps)
+        if cfg.q_lora_rank is None:  # one matmul gives the query and the kv latent
+            b["w_in"], b["w_q"] = c(torch.cat([w_q, kva])), None
+        else:
+            b["w_in"], b["w_q"] = c(torch.cat([mla.q_a_proj.weight.float(), kva])), c(w_q)
+            b["q_norm"], b["q_eps"] = c(mla.q_a_layernorm.weight), mla.q_a_layernorm.eps
+        if cfg.attention_bias:  # q_a_proj, kv_a_proj_with_mqa and o_proj carry biases (q_proj never does)
+            q_bias = torch.zeros(w_q.shape[0]) if cfg.q_lora_rank is None else mla.q_a_proj.bias
+            b["b_in"] = c(torch.cat([q_bias, mla.kv_a_proj_with_mqa.bias]))
+            b["b_o"] = c(mla.o_proj.bias)
+        mlp = blk.mlp
+        if isinstance(mlp, MoE):
+            ex = mlp.experts
+            E, h, d = ex.gate_proj.shape
+            b["moe"] = mlp
+            b["gate_up"] = c(torch.cat([ex.gate_proj, ex.up_proj], dim=1))  # [E, 2h, d]
+            b["down"] = c(ex.down_proj)  # [E, d, h]
+            b["down_flat"] = c(ex.down_proj.permute(1, 0, 2).reshape(d, E * h))  # [d, E*h]
+            sh = mlp.shared_experts
+            b["shared"] = None if sh is None else (c(torch.cat([sh.gate_proj.weight, sh.up_proj.weight])),
+                                                     c(sh.down_proj.weight))
+        else:
+            b["moe"] = None
+            b["mlp"] = (c(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])), c(mlp.down_proj.weight))
+        return b
+
+    # ---- entry points ----------------------------------------------------------------------------------------
     def prefill(self, input_ids, slots):
         """Right-padded prompts [B, T] from position 0 through the model's expanded path; returns (logits, hidden).
         The model's MoE load counters are restored afterwards (inference does not count as training load)."""
@@ -73,81 +113,93 @@ class Runner:
         return out.logits, out.hidden
 
     def decode(self, input_ids, slots, start_pos, S: int):
-        """input_ids [B, T] at positions start_pos[b].. (all > 0 or not: the absorbed form is exact either way);
-        S = max(start_pos) + T, the cache length to read. Returns (logits [B, T, V] fp32, hidden [B, T, d])."""
+        """input_ids [B, T] at positions start_pos[b]..; S = max(start_pos) + T, the cache length to read.
+        Returns (logits [B, T, V] fp32, hidden [B, T, d])."""
         return self._decode(input_ids, slots, start_pos, S)
 
     def mtp(self, h_prev, next_ids, slots, start_pos, S: int):
         """MTP module 1 over its cache layer: h_prev [B, T, d] (main hidden at positions start_pos..), next_ids
-        [B, T] (the tokens one ahead). Returns logits [B, T, V] of the tokens two ahead."""
+        [B, T] (the tokens one ahead). Returns logits [B, T, V] (fp32) of the tokens two ahead."""
         return self._mtp(h_prev, next_ids, slots, start_pos, S)
 
     # ---- implementation ------------------------------------------------------------------------------------
     def _rope(self, start_pos, T):
-        positions = start_pos[:, None] + torch.arange(T)  # [B, T]
-        return rope_cos_sin(self.model.inv_freq, self.model.rope_scale, positions), positions
+        pos = start_pos[:, None] + torch.arange(T)  # [B, T]
+        cos, sin = rope_cos_sin(self.model.inv_freq, self.model.rope_scale, pos)
+        return cos[:, :, None], sin[:, :, None], pos  # [B, T, 1, dr/2]
 
     def _decode_impl(self, input_ids, slots, start_pos, S: int):
-        m = self.model
-        (cos, sin), pos = self._rope(start_pos, input_ids.shape[1])
-        x = m.model.embed_tokens(input_ids)
-        for i, blk in enumerate(m.model.layers):
-            x = self._block(blk, i, x, cos, sin, slots, pos, S)
-        h = m.model.norm(x)
-        return m.lm_head(h).float(), h
+        w = self.w
+        cos, sin, pos = self._rope(start_pos, input_ids.shape[1])
+        x = F.embedding(input_ids, w["embed"])
+        for i in range(self.L):
+            x = self._block(w["blocks"][i], i, x, cos, sin, slots, pos, S)
+        h = F.rms_norm(x, x.shape[-1:], w["norm"], self.cfg.rms_norm_eps)
+        return F.linear(h, w["head"]).float(), h
 
     def _mtp_impl(self, h_prev, next_ids, slots, start_pos, S: int):
-        m = self.model
-        module = m.mtp[0]
-        (cos, sin), pos = self._rope(start_pos, next_ids.shape[1])
-        emb = m.model.embed_tokens(next_ids)
-        h = module.eh_proj(torch.cat([module.enorm(emb), module.hnorm(h_prev.to(emb.dtype))], dim=-1))
-        h = self._block(module.block, self.L, h, cos, sin, slots, pos, S)
-        return m.lm_head(module.norm(h)).float()
+        w, eps = self.w, self.cfg.rms_norm_eps
+        mw = w["mtp"]
+        cos, sin, pos = self._rope(start_pos, next_ids.shape[1])
+        emb = F.embedding(next_ids, w["embed"])
+        h_prev = h_prev.to(emb.dtype)
+        d = emb.shape[-1:]
+        h = F.linear(torch.cat([F.rms_norm(emb, d, mw["enorm"], eps), F.rms_norm(h_prev, d, mw["hnorm"], eps)], -1),
+                     mw["eh"])
+        h = self._block(w["blocks"][self.L], self.L, h, cos, sin, slots, pos, S)
+        return F.linear(F.rms_norm(h, d, mw["norm"], eps), w["head"]).float()
 
-    def _block(self, blk, layer, x, cos, sin, slots, pos, S):
-        x = x + self._attention(blk.self_attn, blk.input_layernorm(x), self.cache.layer(layer), cos, sin, slots,
+    def _block(self, b, layer, x, cos, sin, slots, pos, S):
+        d = x.shape[-1:]
+        x = x + self._attention(b, F.rms_norm(x, d, b["ln1"], b["eps"]), self.cache.layer(layer), cos, sin, slots,
                                 pos, S)
-        h = blk.post_attention_layernorm(x)
-        if isinstance(blk.mlp, MoE):
-            return x + self._moe(blk.mlp, h.reshape(-1, h.shape[-1])).view_as(h)
-        return x + blk.mlp(h)
+        h = F.rms_norm(x, d, b["ln2"], b["eps"])
+        if b["moe"] is not None:
+            return x + self._moe(b, h.reshape(-1, d[0])).view_as(h)
+        return x + _swiglu(h, *b["mlp"])
 
-    def _attention(self, mla, x, kv, cos, sin, slots, pos, S):
+    def _attention(self, b, x, kv, cos, sin, slots, pos, S):
         B, T, _ = x.shape
-        H, dn, dr, dv, r = mla.n_heads, mla.dn, mla.dr, mla.dv, mla.r
-        q = mla.q_proj(x) if mla.cfg.q_lora_rank is None else mla.q_b_proj(mla.q_a_layernorm(mla.q_a_proj(x)))
-        q_nope, q_pe = q.view(B, T, H, dn + dr).split([dn, dr], dim=-1)
-        q_pe = apply_rope(q_pe, cos[:, :, None], sin[:, :, None], mla.cfg.rope_interleave)
-        c_kv, k_pe = mla.kv_a_proj_with_mqa(x).split([r, dr], dim=-1)
-        c_kv = mla.kv_a_layernorm(c_kv)
-        k_pe = apply_rope(k_pe, cos, sin, mla.cfg.rope_interleave)
-        kv[slots[:, None], pos] = torch.cat([c_kv, k_pe], dim=-1).to(kv.dtype)  # write the new latents
-
-        w = mla.kv_b_proj.weight.view(H, dn + dv, r)
-        q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w[:, :dn])  # W_UK absorbed into the query
-        qc = torch.cat([q_lat, q_pe], dim=-1).reshape(B, T * H, r + dr)  # [B, T*H, r+dr]
+        cfg = self.cfg
+        H, dr, r = cfg.num_attention_heads, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+        a = F.linear(x, b["w_in"], b.get("b_in"))
+        if b["w_q"] is None:
+            q, lat_new = a.split([H * (r + dr), r + dr], dim=-1)
+        else:
+            c_q, lat_new = a.split([cfg.q_lora_rank, r + dr], dim=-1)
+            q = F.linear(F.rms_norm(c_q, c_q.shape[-1:], b["q_norm"], b["q_eps"]), b["w_q"])
+        q_lat, q_pe = q.split([H * r, H * dr], dim=-1)
+        c_kv, k_pe = lat_new.split([r, dr], dim=-1)
+        c_kv = F.rms_norm(c_kv, (r,), b["kv_norm"], b["kv_eps"])
+        # one rotation for the H query heads and the shared key: [B, T, H+1, dr]
+        pe = apply_rope(torch.cat([q_pe.view(B, T, H, dr), k_pe[:, :, None]], dim=2), cos, sin, cfg.rope_interleave)
+        kv[slots[:, None], pos] = torch.cat([c_kv, pe[:, :, H]], dim=-1).to(kv.dtype)  # write the new latents
+        qc = torch.cat([q_lat.view(B, T, H, r), pe[:, :, :H]], dim=-1).view(B, T * H, r + dr)
         lat = kv[slots, :S].to(qc.dtype)  # [B, S, r+dr]: the rows' cached latents
-        scores = torch.bmm(qc, lat.transpose(1, 2)).view(B, T, H, S).float() * mla.scale
+        scores = torch.bmm(qc, lat.transpose(1, 2)).view(B, T, H, S).float()  # scale folded into the query
         allowed = torch.arange(S)[None, None, :] <= pos[:, :, None]  # [B, T, S], causal over each row's cache
         p = scores.masked_fill(~allowed[:, :, None], float("-inf")).softmax(dim=-1).to(qc.dtype)
-        o_lat = torch.bmm(p.view(B, T * H, S), lat[..., :r]).view(B, T, H, r)
-        out = torch.einsum("bthr,hvr->bthv", o_lat, w[:, dn:])  # W_UV after the attention
-        return mla.o_proj(out.reshape(B, T, H * dv))
+        o_lat = torch.bmm(p.view(B, T * H, S), lat[..., :r])  # [B, T*H, r]
+        return F.linear(o_lat.view(B, T, H * r), b["w_o"], b.get("b_o"))  # W_UV folded into W_O
 
-    def _moe(self, moe, x):
-        """x [N, d] -> [N, d]: routed experts (gate from the model's router) + shared experts."""
+    def _moe(self, b, x):
+        """x [N, d] -> [N, d]: routed experts (the model's router) + shared experts."""
+        moe = b["moe"]
         w, idx, _ = moe.gate(x)  # [N, K] gate values (already scaled), expert ids
-        ex = moe.experts
+        gate_up, down = b["gate_up"], b["down"]
         N, K = idx.shape
-        E = ex.gate_proj.shape[0]
+        E, h2, d = gate_up.shape
         w = w.to(x.dtype)
-        if N * K >= E:  # every expert is likely busy: run them all, zero gate for the unchosen
+        if N * K >= E:  # run every expert, zero gate for the unchosen
             cw = torch.zeros(N, E, dtype=x.dtype).scatter(1, idx, w)  # [N, E]
-            h = F.silu(torch.einsum("nd,ehd->neh", x, ex.gate_proj)) * torch.einsum("nd,ehd->neh", x, ex.up_proj)
-            y = torch.einsum("neh,edh->nd", h * cw[..., None], ex.down_proj)
+            g, u = F.linear(x, gate_up.view(E * h2, d)).view(N, E, h2).chunk(2, dim=-1)
+            y = F.linear((F.silu(g) * u * cw[..., None]).reshape(N, -1), b["down_flat"])
         else:  # few tokens, many experts: gather only the chosen experts' weights
-            h = F.silu(torch.einsum("nd,nkhd->nkh", x, ex.gate_proj[idx])) * \
-                torch.einsum("nd,nkhd->nkh", x, ex.up_proj[idx])
-            y = torch.einsum("nkh,nkdh->nd", h * w[..., None], ex.down_proj[idx])
-        return y + moe.shared_experts(x) if moe.shared_experts is not None else y
+            g, u = torch.einsum("nd,nkhd->nkh", x, gate_up[idx]).chunk(2, dim=-1)
+            y = torch.einsum("nkh,nkdh->nd", F.silu(g) * u * w[..., None], down[idx])
+        return y + _swiglu(x, *b["shared"]) if b["shared"] is not None else y
+
+
+def _swiglu(x, w_gate_up, w_down):
+    g, u = F.linear(x, w_gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(g) * u, w_down)

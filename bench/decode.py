@@ -1,0 +1,136 @@
+"""Greedy decode speed of the nanoseek engine against transformers' DeepseekV3ForCausalLM.generate with the same
+weights (saved by nanoseek.save, loaded by from_pretrained), same prompts and lengths, in one process; then MTP
+self-speculation against plain decoding at batch 1 (acceptance rate, speedup). Ends with ONE JSON line.
+
+    python bench/decode.py                          # a random model of --preset cpu-tiny
+    python bench/decode.py --model runs/x/base      # a trained checkpoint (MTP acceptance means something here)
+
+Run it on a quiet machine (`uptime`): the figures are wall-clock. Both sides use the same torch thread count
+(--threads, default 1: at this size a step is dispatch overhead, and a second thread only adds synchronisation).
+A random model's MTP head rarely agrees with its main head, so speculation only pays on a trained checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import nanoseek  # noqa: E402
+from nanoseek.config import load_preset  # noqa: E402
+from nanoseek.infer.engine import Engine, EngineConfig  # noqa: E402
+from nanoseek.infer.sampling import SamplingParams  # noqa: E402
+from nanoseek.model.transformer import Transformer  # noqa: E402
+
+
+def timed(fn, repeats: int):
+    """Median wall time of `repeats` calls (after the caller's warm-up) and the last result."""
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="checkpoint directory (default: a random model of --preset)")
+    src.add_argument("--preset", default="cpu-tiny")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--gen-len", type=int, default=128)
+    p.add_argument("--batch-sizes", default="1,8")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", default="float32", help="engine dtype (HF runs fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the engine's decode step")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+    if args.model:
+        model, source = nanoseek.load(args.model), args.model
+    else:
+        torch.manual_seed(args.seed)
+        model, source = Transformer(load_preset(args.preset).model).eval(), f"random {args.preset}"
+    cfg = model.config
+    tmp = tempfile.TemporaryDirectory()
+    nanoseek.save(model, Path(tmp.name) / "ckpt")
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(Path(tmp.name) / "ckpt", dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None  # both sides generate exactly gen_len tokens
+    hf.generation_config.pad_token_id = 0
+    print(f"model: {source}, {model.num_params() / 1e6:.2f}M params; prompt {args.prompt_len}, "
+          f"generate {args.gen_len}; threads {args.threads}; engine {args.dtype}"
+          f"{' compiled' if args.compile else ''}", file=sys.stderr)
+
+    g = torch.Generator().manual_seed(args.seed)
+    result = dict(bench="decode", model=source, prompt_len=args.prompt_len, gen_len=args.gen_len,
+                  threads=args.threads, dtype=args.dtype, compile=args.compile)
+    greedy = SamplingParams(max_tokens=args.gen_len, temperature=0, ignore_eos=True)
+    max_len = args.prompt_len + args.gen_len + 1
+    for B in [int(b) for b in args.batch_sizes.split(",")]:
+        prompts = torch.randint(0, cfg.vocab_size, (B, args.prompt_len), generator=g)
+        engine = Engine(model, None, EngineConfig(max_batch=B, max_model_len=max_len, dtype=args.dtype,
+                                                  compile=args.compile))
+        with torch.inference_mode():
+            def run_hf(prompts=prompts):
+                return hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=args.gen_len,
+                                   do_sample=False)[:, args.prompt_len :]
+
+            def run_ns(engine=engine, prompts=prompts):
+                return engine.generate(prompts.tolist(), greedy)
+
+            run_hf(), run_ns()  # warm-up (and compile)
+            t_hf, out_hf = timed(run_hf, args.repeats)
+            t_ns, out_ns = timed(run_ns, args.repeats)
+        ns_tokens = [g_[0].token_ids for g_ in out_ns]
+        same = sum(a == b for a, b in zip(ns_tokens, out_hf.tolist()))
+        tps_hf, tps_ns = B * args.gen_len / t_hf, B * args.gen_len / t_ns
+        result[f"b{B}"] = dict(hf_tok_s=round(tps_hf, 1), nanoseek_tok_s=round(tps_ns, 1),
+                               speedup=round(tps_ns / tps_hf, 2), identical_sequences=f"{same}/{B}")
+        print(f"batch {B}: transformers {tps_hf:8.1f} tok/s   nanoseek {tps_ns:8.1f} tok/s   "
+              f"x{tps_ns / tps_hf:.2f}   identical greedy sequences {same}/{B}", file=sys.stderr)
+
+    # MTP self-speculation vs plain greedy, batch 1
+    if getattr(model, "mtp", None):
+        prompts = torch.randint(0, cfg.vocab_size, (4, args.prompt_len), generator=g).tolist()
+        plain = Engine(model, None, EngineConfig(max_batch=1, max_model_len=max_len, dtype=args.dtype,
+                                                 compile=args.compile))
+        spec = Engine(model, None, EngineConfig(max_batch=1, max_model_len=max_len, dtype=args.dtype,
+                                                compile=args.compile, speculative=True))
+
+        def run_all(e):
+            return [e.generate([q], greedy)[0][0].token_ids for q in prompts]
+
+        run_all(plain), run_all(spec)  # warm-up
+        spec.spec_drafted = spec.spec_accepted = 0
+        t_plain, out_plain = timed(lambda: run_all(plain), args.repeats)
+        t_spec, out_spec = timed(lambda: run_all(spec), args.repeats)
+        acc = spec.spec_accepted / max(spec.spec_drafted, 1)
+        n_tok = len(prompts) * args.gen_len
+        result["mtp_b1"] = dict(plain_tok_s=round(n_tok / t_plain, 1), spec_tok_s=round(n_tok / t_spec, 1),
+                                speedup=round(t_plain / t_spec, 2), acceptance=round(acc, 3),
+                                identical=out_plain == out_spec)
+        print(f"MTP speculation, batch 1: plain {n_tok / t_plain:8.1f} tok/s   speculative {n_tok / t_spec:8.1f} "
+              f"tok/s   x{t_plain / t_spec:.2f}   acceptance {acc:.1%}   identical {out_plain == out_spec}"
+              + ("   (random model: low acceptance expected)" if not args.model else ""), file=sys.stderr)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
