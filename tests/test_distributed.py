@@ -175,10 +175,22 @@ def grpo_step(rank, world, loss_type):
             "weights": {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("mtp")}}
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
-def test_grpo_step_two_ranks_like_one(loss_type):
+def grpo_steps(rank, world, loss_types):
+    return {t: grpo_step(rank, world, t) for t in loss_types}
+
+
+LOSS_TYPES = ("grpo", "dapo")  # per-sequence mean; token-level over the whole batch (needs the global count)
+
+
+@pytest.fixture(scope="module")
+def grpo_two_ranks():
+    return on_ranks(grpo_steps, 2, LOSS_TYPES)  # one spawn for both loss types
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_grpo_step_two_ranks_like_one(loss_type, grpo_two_ranks):
     one = grpo_step(0, 1, loss_type)
-    two = on_ranks(grpo_step, 2, loss_type)
+    two = [r[loss_type] for r in grpo_two_ranks]
     assert abs(two[0]["loss"] - one["loss"]) <= TOL, (two[0]["loss"], one["loss"])
     assert abs(one["loss"]) > 1e-4  # a real loss, not a trivially equal zero
     assert one["mtp_untouched"] and two[0]["mtp_untouched"]
