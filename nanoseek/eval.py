@@ -54,6 +54,7 @@ class EvalConfig:
     max_tokens: int = 256  # completion budget; a sample that hits it is "truncated" (and usually wrong)
     greedy: bool = True  # also one temperature-0 sample per question
     bootstrap: int = 1000  # resamples for the 95% intervals; 0 disables them
+    max_batch: int = 128  # engine slots while evaluating (more concurrent sequences = more tokens/s); 0 = [engine]
     seed: int = 0  # sampling and bootstrap seed
 
     def __post_init__(self):
@@ -71,6 +72,8 @@ class EvalConfig:
                 "use 0.6 as R1 does (greedy accuracy is reported separately)")
         if self.max_tokens < 1:
             bad("max_tokens", f"must be >= 1, got {self.max_tokens}", "use e.g. 256")
+        if self.max_batch < 0:
+            bad("max_batch", f"must be >= 0, got {self.max_batch}", "use e.g. 128, or 0 for the [engine] setting")
         if self.bootstrap < 0:
             bad("bootstrap", f"must be >= 0, got {self.bootstrap}", "use 1000, or 0 to skip the intervals")
         for s in self.splits:
@@ -359,7 +362,10 @@ def run(args) -> int:
     questions = eval_questions(cfg, preset)
     from nanoseek.infer.engine import Engine
 
-    engine = Engine(model, tokenizer, preset.section("engine"))
+    engine_cfg = preset.section("engine")
+    if cfg.max_batch:
+        engine_cfg.max_batch = cfg.max_batch
+    engine = Engine(model, tokenizer, engine_cfg)
     result = evaluate(engine, tokenizer, questions, cfg, model=model)
     result["model"] = str(model_dir)
     result["preset"] = str(preset.path)
