@@ -359,18 +359,19 @@ def write_report(run_dir: str | Path) -> Path:
     md += ["## Stages", "", "| stage | directory | status | seconds | tokens | peak RSS | key figure |",
            "|---|---|---|---|---|---|---|"]
     costs = {}
-    for d, label, what in STAGES:
-        rec = stage_rec[d] or {}
-        status = "done" if rec else ("present" if present[d] else "missing")
+    rows = [("tasks", "tasks", "the task splits (train / val / test / OOD)", read_json(run / "tasks" / "stage.json"),
+             (run / "tasks").is_dir())]
+    rows += [(d, label, what, stage_rec[d], present[d]) for d, label, what in STAGES]
+    rows += [("eval", "eval", "`nanoseek eval` of every model", speed.get("stages", {}).get("eval"),
+              (run / "eval").is_dir())]
+    for d, label, what, rec, here in rows:
+        rec = rec or {}
+        status = "done" if rec else ("present" if here else "missing")
         md.append(f"| {label} — {what} | `{d}/` | {status} | "
                   f"{'–' if rec.get('seconds') is None else format(rec['seconds'], '.1f')} | "
                   f"{_fmt_tokens(rec.get('tokens'))} | {_fmt_rss(rec.get('peak_rss'))} | {rec.get('figure') or '–'} |")
         if rec:
             costs[label] = rec
-    for extra in ("tasks", "eval"):
-        rec = read_json(run / extra / "stage.json") if extra != "eval" else (speed.get("stages", {}).get("eval"))
-        if rec:
-            costs[extra] = rec
     total = speed.get("seconds") or sum(r.get("seconds") or 0 for r in costs.values())
     md += ["", f"Total wall-clock: {total:.0f} s ({total / 60:.1f} min)." if total else "", ""]
     if plot_stage_costs(costs, plots / "stages.png"):

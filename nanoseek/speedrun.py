@@ -389,7 +389,7 @@ class Speedrun:
         ev = self.run / "eval"
         ev.mkdir(exist_ok=True)
         todo = [s for s in self.cfg.evaluate if s in self.stages() and read_json(self.run / s / "stage.json")]
-        secs, peak, figs = 0.0, 0, []
+        secs, peak, figs, tokens = 0.0, 0, [], 0
         self.say(f"{prefix} ", end="")
         for s in todo:
             out = ev / f"{s}.json"
@@ -408,9 +408,11 @@ class Speedrun:
                     return None
             else:
                 secs += result.get("seconds", 0.0)
+            tokens += result.get("tokens_generated", 0)
             p = headline(result)
             figs.append(f"{s} {100 * p:.0f}%" if p is not None else f"{s} –")
-        rec = {"seconds": secs, "tokens": None, "peak_rss": peak or None, "figure": "test pass@1: " + ", ".join(figs)}
+        rec = {"seconds": secs, "tokens": tokens or None, "peak_rss": peak or None,
+               "figure": "test pass@1: " + ", ".join(figs)}
         self.say(f"{secs:7.1f}s  {rec['figure']}")
         return rec
 
