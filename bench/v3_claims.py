@@ -4,10 +4,10 @@
     python bench/v3_claims.py --preset smoke --steps 30          # seconds, plumbing only
     python bench/v3_claims.py --steps 300 --out runs/v3_claims --set pretrain.threads=1
 
-(a) Load balancing (V3 §2.1.2): auxiliary-loss-free balancing (bias speed γ, plus the tiny sequence-wise loss α of
-    the preset) vs a plain auxiliary balance loss (the same f·P loss at a conventional weight α = 0.01, no bias)
-    vs no balancing at all. Reported: max/mean expert load per MoE layer (mean over the last quarter of the steps;
-    1.0 is perfect balance, E/K the worst) and the main head's val loss.
+(a) Load balancing (V3 §2.1.2): auxiliary-loss-free balancing (bias speed γ of the preset, and V3's own 0.001,
+    each plus the tiny sequence-wise loss α of the preset) vs a plain auxiliary balance loss (the same f·P loss at
+    a conventional weight α = 0.01, no bias) vs no balancing at all. Reported: max/mean expert load per MoE layer
+    (mean over the last quarter of the steps; 1.0 is perfect balance, E/K the worst) and the main head's val loss.
 (b) Multi-token prediction (V3 §2.2): MTP loss weight λ = preset (0.3) vs 0 (the MTP module untrained and unused).
     Reported: the main head's val loss after the same number of steps (MTP adds compute per step; its time is shown).
 
@@ -35,12 +35,14 @@ from nanoseek.model.transformer import Transformer  # noqa: E402
 from nanoseek.train.loop import Trainer, read_metrics  # noqa: E402
 from nanoseek.train.pretrain import balance_hook, build_tokenizer, pretrain_loss  # noqa: E402
 
+V3_GAMMA = 0.001  # V3's bias speed; meant for ~10^5 steps, so the tiny presets use a larger one
 PLAIN_AUX_ALPHA = 0.01  # a conventional auxiliary-loss weight (DeepSeek-V2 used 0.003-0.01 for expert balance)
 
 
 def arms(cfg) -> dict[str, dict]:
     return {
         "aux_free": {"bias_gamma": cfg.bias_gamma, "aux_alpha": cfg.aux_alpha, "mtp_weight": cfg.mtp_weight},
+        "aux_free_v3": {"bias_gamma": V3_GAMMA, "aux_alpha": cfg.aux_alpha, "mtp_weight": cfg.mtp_weight},
         "aux_loss": {"bias_gamma": 0.0, "aux_alpha": PLAIN_AUX_ALPHA, "mtp_weight": cfg.mtp_weight},
         "no_balance": {"bias_gamma": 0.0, "aux_alpha": 0.0, "mtp_weight": cfg.mtp_weight},
         "mtp_off": {"bias_gamma": cfg.bias_gamma, "aux_alpha": cfg.aux_alpha, "mtp_weight": 0.0},
@@ -73,7 +75,8 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per arm (default: pretrain.steps)")
     p.add_argument("--out", default="runs/v3_claims", help="per-arm metrics.jsonl go here")
-    p.add_argument("--arms", default=None, help="comma-separated subset of: aux_free,aux_loss,no_balance,mtp_off")
+    p.add_argument("--arms", default=None,
+                   help="comma-separated subset of: aux_free,aux_free_v3,aux_loss,no_balance,mtp_off")
     args = p.parse_args(argv)
 
     sets = list(args.set) + ["pretrain.progress=false"] + ([f"pretrain.steps={args.steps}"] if args.steps else [])
@@ -94,13 +97,14 @@ def main(argv=None) -> int:
         print(f"[{name}] {overrides}", file=sys.stderr, flush=True)
         results[name] = run_arm(name, overrides, cfg, model_cfg, docs, val, data_cfg, out)
         r = results[name]
-        print(f"[{name}] val_loss {r['val_loss']:.4f}  max/mean load {r['load_max_mean']}  {r['seconds']:.0f}s",
+        load = {k: round(v, 2) for k, v in r["load_max_mean"].items()}
+        print(f"[{name}] val_loss {r['val_loss']:.4f}  max/mean load {load}  {r['seconds']:.0f}s",
               file=sys.stderr, flush=True)
 
     print(f"\nV3 claims at tiny scale: preset {args.preset}, {cfg.steps} steps x {cfg.batch_size} x "
           f"{data_cfg.seq_len} tokens per arm, same init and data order")
     print("\n(a) balancing               val loss   max/mean load per layer (last quarter)      mean")
-    for name in ("aux_free", "aux_loss", "no_balance"):
+    for name in ("aux_free", "aux_free_v3", "aux_loss", "no_balance"):
         if name in results:
             r = results[name]
             per = " ".join(f"{k}={v:.2f}" for k, v in r["load_max_mean"].items())
