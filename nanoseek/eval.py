@@ -211,12 +211,17 @@ def eval_questions(cfg: EvalConfig, preset) -> dict[str, list[dict]]:
 
     These are `nanoseek.data.splits`, the very splits training drew from (same seed and difficulty), filled before
     train and deduplicated against it, so no eval question was trained on."""
+    import dataclasses
+
     from nanoseek import data
 
     data_cfg = preset.section("data")
     if cfg.tasks:
         data_cfg.tasks = list(cfg.tasks)  # a subset of tasks keeps each task's own split (splits are per task)
-    splits = data.splits(data_cfg)
+    # Held-out splits are filled first (test, ood, then val, then train), so they do not depend on the val and
+    # train sizes: skip building train (seconds at cpu-tiny) — the questions are identical (tests/test_eval.py).
+    splits = data.splits(dataclasses.replace(data_cfg, train_size=0, val_size=0 if "val" not in cfg.splits
+                                             else data_cfg.val_size))
     out = {}
     for s in cfg.splits:
         by_task: dict[str, list[dict]] = {}

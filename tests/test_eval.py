@@ -186,3 +186,19 @@ def test_expert_load_counts_every_token_top_k_times():
     assert len(counts) == n_moe and all(len(c) == cfg.n_routed_experts for c in counts)
     assert all(sum(c) == 18 * cfg.num_experts_per_tok for c in counts)  # 18 tokens, each to top-k experts
     assert all(int(m.load.sum()) == 0 for m in model.moe_layers())  # counters left clean
+
+
+def test_eval_questions_are_the_training_runs_held_out_splits():
+    from nanoseek import data
+    from nanoseek.config import load_preset
+    from nanoseek.eval import eval_questions
+
+    preset = load_preset("smoke")
+    full = data.splits(preset.section("data"))
+    cfg = EvalConfig(n_questions=2, splits=["test", "ood"])
+    qs = eval_questions(cfg, preset)
+    for split in ("test", "ood"):
+        for t in preset.section("data").tasks:
+            assert [e for e in qs[split] if e["task"] == t] == [e for e in full[split] if e["task"] == t][:2]
+    train = {e["question"] for e in full["train"]}
+    assert not any(e["question"] in train for s in qs.values() for e in s)  # never trained on
