@@ -17,8 +17,8 @@ interval over questions (resampling questions, not samples: the questions are th
 over). The questions are the data section's test/ood splits (same seed and difficulty as training), so no eval
 question was ever trained on.
 
-    nanoseek eval --model runs/x/rl                      # prints a table; writes runs/x/rl/eval.json
-    nanoseek eval --model runs/x/rl --tasks add,sub --json --out runs/x/eval/rl.json
+    nanoseek eval --model runs/x/rl/model                # prints a table; writes runs/x/rl/model/eval.json
+    nanoseek eval --model runs/x/rl --tasks add,sub --json --out runs/x/eval/rl.json   # a stage dir works too
     nanoseek eval --model runs/x/rl --preset smoke --set eval.k=4
 """
 
@@ -358,9 +358,11 @@ def run(args) -> int:
     if args.tasks:
         cfg.tasks = [t for t in args.tasks.split(",") if t]
     model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file() and (model_dir / "model" / "config.json").is_file():
+        model_dir = model_dir / "model"  # a stage directory (runs/x/rl) holds its final model in model/
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"--model {model_dir}: no config.json there; point it at a checkpoint directory such as "
-                          "runs/NAME/rl")
+                          "runs/NAME/rl/model")
     torch.manual_seed(cfg.seed)
     model = nanoseek.load(model_dir)
     tokenizer = load_tokenizer(model_dir)
