@@ -209,7 +209,7 @@ def cli_env() -> dict:
 
 def pretrain_cmd(out, *extra, nproc: int = 1) -> list[str]:
     sets = ["pretrain.eval_n=0", "pretrain.progress=false", "pretrain.dtype=fp32", f"pretrain.steps={STEPS}",
-            "pretrain.ckpt_every=2", "pretrain.keep_checkpoints=0", *extra]
+            "pretrain.ckpt_every=2", "pretrain.keep_checkpoints=0", "pretrain.grad_accum=2", *extra]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc > 1 else [sys.executable]
     return [*launch, "-m", "nanoseek", "pretrain", "--preset", "smoke", "--out", str(out),

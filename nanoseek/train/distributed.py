@@ -199,6 +199,29 @@ def apply_parallel(model: torch.nn.Module, cfg: ParallelConfig | None) -> torch.
     return apply_fsdp(model, cfg) if cfg.strategy == "fsdp" else apply_ddp(model)
 
 
+@contextlib.contextmanager
+def grad_sync(model: torch.nn.Module, enabled: bool):
+    """Gradient accumulation: skip the cross-rank gradient reduction for every micro-batch but the last (DDP's
+    no_sync, FSDP2's set_requires_gradient_sync). The summed gradients are reduced once; the result is the same."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = getattr(model, "_orig_mod", model)
+    if enabled or not is_distributed():
+        yield
+    elif isinstance(model, DDP):
+        with model.no_sync():
+            yield
+    elif isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
     """True if FSDP2 sharded the model (its parameters are DTensors): forward is then a collective."""
     from torch.distributed.tensor import DTensor

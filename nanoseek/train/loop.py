@@ -99,6 +99,7 @@ from nanoseek.train.distributed import (  # noqa: E402, F401
     ParallelConfig,
     all_reduce_mean,
     apply_parallel,
+    grad_sync,
     reduce_metrics,
 )
 from nanoseek.train.distributed import is_main as is_main_process  # noqa: E402
@@ -303,10 +304,11 @@ class Trainer:
 
     def _forward_backward(self, batches: list) -> dict:
         sums: dict[str, float] = {}
-        for batch in batches:
-            with self.autocast():
-                loss, stats = self.loss_fn(self.model, batch)
-            (loss / len(batches)).backward()
+        for i, batch in enumerate(batches):
+            with grad_sync(self.eager_model, i == len(batches) - 1):  # ranks reduce gradients once per step
+                with self.autocast():
+                    loss, stats = self.loss_fn(self.model, batch)
+                (loss / len(batches)).backward()
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         # Means over micro-batches, except token counts, which add up.
