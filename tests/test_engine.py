@@ -47,19 +47,24 @@ def _full_logits(model, prompt, completion):
         return model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1]  # [len(completion), V]
 
 
-@pytest.mark.parametrize("variant", ["q_lora", "no_q_lora", "yarn", "groups"])
+RUNNER_VARIANTS = {**{k: VARIANTS[k] for k in ("q_lora", "no_q_lora", "yarn", "groups")},
+                   "many_experts": dict(n_routed_experts=32, num_experts_per_tok=2)}
+
+
+@pytest.mark.parametrize("variant", list(RUNNER_VARIANTS))
 def test_runner_decode_equals_full_forward(variant):
-    """The lean decode step (both MoE forms: gathered experts for B=1, all experts for B=4) is the model's math."""
-    m = _model(seed=1, **VARIANTS[variant])
+    """The lean decode step is the model's math (MoE both ways: with 32 experts, one token gathers its experts'
+    weights and five run all experts)."""
+    m = _model(seed=1, **RUNNER_VARIANTS[variant])
     cfg = m.config
     from nanoseek.infer.cache import LatentCache
 
-    for B in (1, 4):
+    for B in (1, 5):
         x = torch.randint(0, cfg.vocab_size, (B, 20))
         cache = LatentCache(cfg, 6, 32)
         r = Runner(m, cache)
         r.sync()
-        slots = torch.tensor([5, 1, 3, 0][:B])
+        slots = torch.tensor([5, 1, 3, 0, 2][:B])
         with torch.no_grad():
             full = m(x).logits
             r.prefill(x[:, :8], slots)

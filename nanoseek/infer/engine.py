@@ -298,19 +298,21 @@ class Engine:
             self.spec_accepted += seq.spec.accepted - n_before[1]
             self._append(seq, tokens, lp, outs)
             return
-        if self._batch is None or self._batch[0] != [id(s) for s in seqs]:
-            self._batch = ([id(s) for s in seqs], torch.tensor([s.slot for s in seqs]))
-        slots = self._batch[1]
+        key = [id(s) for s in seqs]
+        if self._batch is None or self._batch[0] != key:  # the batch changed: rebuild its slots and sampling rows
+            self._batch = (key, torch.tensor([s.slot for s in seqs]),
+                           BatchSampling.of([s.request.params for s in seqs], self.vocab_size))
+        _, slots, bs = self._batch
         pos = [s.pos for s in seqs]
         last = torch.tensor([[s.tokens[-1]] for s in seqs])  # [B, 1]
         logits, _ = self.runner.decode(last, slots, torch.tensor(pos), max(pos) + 1)
-        tokens, logp = self._sample(logits[:, 0], seqs)
+        tokens, logp = self._sample(logits[:, 0], seqs, bs)
         for j, seq in enumerate(seqs):
             self._append(seq, [tokens[j]], None if logp is None else [logp[j]], outs)
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]):
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], bs: BatchSampling | None = None):
         """logits [B, V] fp32 of the rows of `seqs` -> (tokens list, logprobs list or None)."""
-        bs = BatchSampling.of([s.request.params for s in seqs], self.vocab_size)
+        bs = bs or BatchSampling.of([s.request.params for s in seqs], self.vocab_size)
         u = None
         if not bs.all_greedy:
             u = torch.rand(len(seqs), generator=self._rng)

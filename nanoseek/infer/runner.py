@@ -7,8 +7,8 @@ without host synchronisation (at the sizes we run on a CPU a decode step costs i
   matmul over the cached row [c_kv ‖ k_pe]: (W_UK^T q_nope ‖ q_pe) · (c_kv ‖ k_pe) = q_nope·k_nope + q_pe·k_pe;
   the query down-projection and kv_a_proj_with_mqa (both read the block input) are one matmul;
 - MoE for the few tokens of a decode step without the sort/count dispatch: gather the chosen experts' weights when
-  tokens x top-k < experts, else run every expert as two matmuls with a zero gate for the unchosen ones (the
-  same weighted sum the model computes);
+  4 x tokens x top-k <= experts (a gather copies what it reads), else run every expert as two matmuls with a zero
+  gate for the unchosen ones (the same weighted sum the model computes);
 - no MoE load statistics are counted: generating must not move the balance bias (V3 eq. 16) of a model in training.
 The folded weights are derived from the live parameters and re-derived whenever those change (an optimizer step
 bumps their version counters), so one engine serves a model that RL keeps training. In `dtype` bf16 they are
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.model.moe import MoE
-from nanoseek.model.rope import apply_rope, rope_cos_sin
+from nanoseek.model.rope import rope_cos_sin
 
 
 class Runner:
@@ -30,6 +30,9 @@ class Runner:
         self.model, self.cache, self.dtype = model, cache, dtype
         self.cfg = cfg = model.config
         self.L = cfg.num_hidden_layers
+        # the tensors whose version counters tell that the weights changed (listed once: walking the module tree
+        # every step costs more than a tiny model's decode step)
+        self._watched = list(model.parameters()) + list(model.buffers())
         self._versions = None
         self.w: dict = {}
         self._decode = torch.compile(self._decode_impl, dynamic=True) if compile else self._decode_impl
@@ -38,8 +41,7 @@ class Runner:
     # ---- derived weights -----------------------------------------------------------------------------------
     def sync(self) -> None:
         """Re-derive the folded weights if any live parameter or buffer changed since the last call."""
-        m = self.model
-        versions = tuple(t._version for t in m.parameters()) + tuple(b._version for b in m.buffers())
+        versions = [t._version for t in self._watched]
         if versions != self._versions:
             with torch.no_grad():
                 self.w = self._derive()
@@ -53,12 +55,27 @@ class Runner:
 
         blocks = list(m.model.layers) + [mod.block for mod in m.mtp]
         w = dict(embed=c(m.model.embed_tokens.weight), norm=c(m.model.norm.weight), head=c(m.lm_head.weight),
-                 blocks=[self._derive_block(b, c) for b in blocks])
+                 blocks=[self._derive_block(b, c) for b in blocks], rope=c(self._rope_matrices()))
         if len(m.mtp):
             mod = m.mtp[0]
             w["mtp"] = dict(enorm=c(mod.enorm.weight), hnorm=c(mod.hnorm.weight), eh=c(mod.eh_proj.weight),
                             norm=c(mod.norm.weight))
         return w
+
+    def _rope_matrices(self) -> torch.Tensor:
+        """RoPE of every cache position as a [dr, dr] matrix, [max_len, dr, dr]: x @ R[pos] equals
+        model.rope.apply_rope (its pairing, its [first halves, second halves] output layout, YaRN's scale), so a
+        decode step rotates the H query heads and the shared key in one matmul."""
+        m, dr = self.model, self.cfg.qk_rope_head_dim
+        cos, sin = rope_cos_sin(m.inv_freq, m.rope_scale, torch.arange(self.cache.max_len)[None])  # [1, P, dr/2]
+        cos, sin = cos[0], sin[0]
+        half = dr // 2
+        i = torch.arange(half)
+        a, b = (2 * i, 2 * i + 1) if self.cfg.rope_interleave else (i, i + half)  # input dims of pair i
+        R = torch.zeros(cos.shape[0], dr, dr)  # [P, in, out]
+        R[:, a, i], R[:, b, i] = cos, -sin  # out_i        = x_a cos - x_b sin
+        R[:, b, i + half], R[:, a, i + half] = cos, sin  # out_{i+h} = x_b cos + x_a sin
+        return R
 
     def _derive_block(self, blk, c) -> dict:
         mla, cfg = blk.self_attn, self.cfg
@@ -123,44 +140,45 @@ class Runner:
         return self._mtp(h_prev, next_ids, slots, start_pos, S)
 
     # ---- implementation ------------------------------------------------------------------------------------
-    def _rope(self, start_pos, T):
+    def _step_context(self, slots, start_pos, T: int, S: int) -> dict:
+        """What every layer of one step shares: positions, rope matrices, the causal mask over the cache."""
         pos = start_pos[:, None] + torch.arange(T)  # [B, T]
-        cos, sin = rope_cos_sin(self.model.inv_freq, self.model.rope_scale, pos)
-        return cos[:, :, None], sin[:, :, None], pos  # [B, T, 1, dr/2]
+        allowed = torch.arange(S)[None, None, :] <= pos[:, :, None]  # [B, T, S]: causal over each row's cache
+        mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, float("-inf"))
+        return dict(pos=pos, rope=self.w["rope"][pos], mask=mask[:, :, None], rows=slots[:, None], slots=slots, S=S)
 
     def _decode_impl(self, input_ids, slots, start_pos, S: int):
         w = self.w
-        cos, sin, pos = self._rope(start_pos, input_ids.shape[1])
+        ctx = self._step_context(slots, start_pos, input_ids.shape[1], S)
         x = F.embedding(input_ids, w["embed"])
         for i in range(self.L):
-            x = self._block(w["blocks"][i], i, x, cos, sin, slots, pos, S)
+            x = self._block(w["blocks"][i], i, x, ctx)
         h = F.rms_norm(x, x.shape[-1:], w["norm"], self.cfg.rms_norm_eps)
-        return F.linear(h, w["head"]).float(), h
+        return _cast(F.linear(h, w["head"]), torch.float32), h
 
     def _mtp_impl(self, h_prev, next_ids, slots, start_pos, S: int):
         w, eps = self.w, self.cfg.rms_norm_eps
         mw = w["mtp"]
-        cos, sin, pos = self._rope(start_pos, next_ids.shape[1])
+        ctx = self._step_context(slots, start_pos, next_ids.shape[1], S)
         emb = F.embedding(next_ids, w["embed"])
-        h_prev = h_prev.to(emb.dtype)
+        h_prev = _cast(h_prev, emb.dtype)
         d = emb.shape[-1:]
         h = F.linear(torch.cat([F.rms_norm(emb, d, mw["enorm"], eps), F.rms_norm(h_prev, d, mw["hnorm"], eps)], -1),
                      mw["eh"])
-        h = self._block(w["blocks"][self.L], self.L, h, cos, sin, slots, pos, S)
-        return F.linear(F.rms_norm(h, d, mw["norm"], eps), w["head"]).float()
+        h = self._block(w["blocks"][self.L], self.L, h, ctx)
+        return _cast(F.linear(F.rms_norm(h, d, mw["norm"], eps), w["head"]), torch.float32)
 
-    def _block(self, b, layer, x, cos, sin, slots, pos, S):
+    def _block(self, b, layer, x, ctx):
         d = x.shape[-1:]
-        x = x + self._attention(b, F.rms_norm(x, d, b["ln1"], b["eps"]), self.cache.layer(layer), cos, sin, slots,
-                                pos, S)
+        x = x + self._attention(b, F.rms_norm(x, d, b["ln1"], b["eps"]), self.cache.layer(layer), ctx)
         h = F.rms_norm(x, d, b["ln2"], b["eps"])
         if b["moe"] is not None:
             return x + self._moe(b, h.reshape(-1, d[0])).view_as(h)
         return x + _swiglu(h, *b["mlp"])
 
-    def _attention(self, b, x, kv, cos, sin, slots, pos, S):
+    def _attention(self, b, x, kv, ctx):
         B, T, _ = x.shape
-        cfg = self.cfg
+        cfg, S = self.cfg, ctx["S"]
         H, dr, r = cfg.num_attention_heads, cfg.qk_rope_head_dim, cfg.kv_lora_rank
         a = F.linear(x, b["w_in"], b.get("b_in"))
         if b["w_q"] is None:
@@ -171,14 +189,13 @@ class Runner:
         q_lat, q_pe = q.split([H * r, H * dr], dim=-1)
         c_kv, k_pe = lat_new.split([r, dr], dim=-1)
         c_kv = F.rms_norm(c_kv, (r,), b["kv_norm"], b["kv_eps"])
-        # one rotation for the H query heads and the shared key: [B, T, H+1, dr]
-        pe = apply_rope(torch.cat([q_pe.view(B, T, H, dr), k_pe[:, :, None]], dim=2), cos, sin, cfg.rope_interleave)
-        kv[slots[:, None], pos] = torch.cat([c_kv, pe[:, :, H]], dim=-1).to(kv.dtype)  # write the new latents
+        # one rotation for the H query heads and the shared key: [B, T, H+1, dr] @ [B, T, dr, dr]
+        pe = torch.matmul(torch.cat([q_pe.view(B, T, H, dr), k_pe[:, :, None]], dim=2), ctx["rope"])
+        kv[ctx["rows"], ctx["pos"]] = _cast(torch.cat([c_kv, pe[:, :, H]], dim=-1), kv.dtype)  # the new latents
         qc = torch.cat([q_lat.view(B, T, H, r), pe[:, :, :H]], dim=-1).view(B, T * H, r + dr)
-        lat = kv[slots, :S].to(qc.dtype)  # [B, S, r+dr]: the rows' cached latents
-        scores = torch.bmm(qc, lat.transpose(1, 2)).view(B, T, H, S).float()  # scale folded into the query
-        allowed = torch.arange(S)[None, None, :] <= pos[:, :, None]  # [B, T, S], causal over each row's cache
-        p = scores.masked_fill(~allowed[:, :, None], float("-inf")).softmax(dim=-1).to(qc.dtype)
+        lat = _cast(kv[ctx["slots"], :S], qc.dtype)  # [B, S, r+dr]: the rows' cached latents
+        scores = _cast(torch.bmm(qc, lat.transpose(1, 2)).view(B, T, H, S), torch.float32)  # scale is in q
+        p = _cast((scores + ctx["mask"]).softmax(dim=-1), qc.dtype)
         o_lat = torch.bmm(p.view(B, T * H, S), lat[..., :r])  # [B, T*H, r]
         return F.linear(o_lat.view(B, T, H * r), b["w_o"], b.get("b_o"))  # W_UV folded into W_O
 
@@ -189,12 +206,12 @@ class Runner:
         gate_up, down = b["gate_up"], b["down"]
         N, K = idx.shape
         E, h2, d = gate_up.shape
-        w = w.to(x.dtype)
-        if N * K >= E:  # run every expert, zero gate for the unchosen
+        w = _cast(w, x.dtype)
+        if 4 * N * K > E:  # run every expert (reads each expert's weights once), zero gate for the unchosen
             cw = torch.zeros(N, E, dtype=x.dtype).scatter(1, idx, w)  # [N, E]
             g, u = F.linear(x, gate_up.view(E * h2, d)).view(N, E, h2).chunk(2, dim=-1)
             y = F.linear((F.silu(g) * u * cw[..., None]).reshape(N, -1), b["down_flat"])
-        else:  # few tokens, many experts: gather only the chosen experts' weights
+        else:  # few tokens, many experts: copy out only the chosen experts' weights
             g, u = torch.einsum("nd,nkhd->nkh", x, gate_up[idx]).chunk(2, dim=-1)
             y = torch.einsum("nkh,nkdh->nd", F.silu(g) * u * w[..., None], down[idx])
         return y + _swiglu(x, *b["shared"]) if b["shared"] is not None else y
@@ -203,3 +220,7 @@ class Runner:
 def _swiglu(x, w_gate_up, w_down):
     g, u = F.linear(x, w_gate_up).chunk(2, dim=-1)
     return F.linear(F.silu(g) * u, w_down)
+
+
+def _cast(t, dtype):
+    return t if t.dtype == dtype else t.to(dtype)  # a no-op .to still costs a dispatch
