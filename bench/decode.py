@@ -54,7 +54,6 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="float32", help="engine dtype (HF runs fp32)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the engine's decode step")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -74,18 +73,16 @@ def main(argv=None) -> int:
     hf.generation_config.eos_token_id = None  # both sides generate exactly gen_len tokens
     hf.generation_config.pad_token_id = 0
     print(f"model: {source}, {model.num_params() / 1e6:.2f}M params; prompt {args.prompt_len}, "
-          f"generate {args.gen_len}; threads {args.threads}; engine {args.dtype}"
-          f"{' compiled' if args.compile else ''}", file=sys.stderr)
+          f"generate {args.gen_len}; threads {args.threads}; engine {args.dtype}", file=sys.stderr)
 
     g = torch.Generator().manual_seed(args.seed)
     result = dict(bench="decode", model=source, prompt_len=args.prompt_len, gen_len=args.gen_len,
-                  threads=args.threads, dtype=args.dtype, compile=args.compile)
+                  threads=args.threads, dtype=args.dtype)
     greedy = SamplingParams(max_tokens=args.gen_len, temperature=0, ignore_eos=True)
     max_len = args.prompt_len + args.gen_len + 1
     for B in [int(b) for b in args.batch_sizes.split(",")]:
         prompts = torch.randint(0, cfg.vocab_size, (B, args.prompt_len), generator=g)
-        engine = Engine(model, None, EngineConfig(max_batch=B, max_model_len=max_len, dtype=args.dtype,
-                                                  compile=args.compile))
+        engine = Engine(model, None, EngineConfig(max_batch=B, max_model_len=max_len, dtype=args.dtype))
         with torch.inference_mode():
             def run_hf(prompts=prompts):
                 return hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=args.gen_len,
@@ -94,7 +91,7 @@ def main(argv=None) -> int:
             def run_ns(engine=engine, prompts=prompts):
                 return engine.generate(prompts.tolist(), greedy)
 
-            run_hf(), run_ns()  # warm-up (and compile)
+            run_hf(), run_ns()  # warm-up
             t_hf, out_hf = timed(run_hf, args.repeats)
             t_ns, out_ns = timed(run_ns, args.repeats)
         ns_tokens = [g_[0].token_ids for g_ in out_ns]
@@ -108,10 +105,8 @@ def main(argv=None) -> int:
     # MTP self-speculation vs plain greedy, batch 1
     if getattr(model, "mtp", None):
         prompts = torch.randint(0, cfg.vocab_size, (4, args.prompt_len), generator=g).tolist()
-        plain = Engine(model, None, EngineConfig(max_batch=1, max_model_len=max_len, dtype=args.dtype,
-                                                 compile=args.compile))
-        spec = Engine(model, None, EngineConfig(max_batch=1, max_model_len=max_len, dtype=args.dtype,
-                                                compile=args.compile, speculative=True))
+        plain = Engine(model, None, EngineConfig(max_batch=1, max_model_len=max_len, dtype=args.dtype))
+        spec = Engine(model, None, EngineConfig(max_batch=1, max_model_len=max_len, dtype=args.dtype, speculative=True))
 
         def run_all(e):
             return [e.generate([q], greedy)[0][0].token_ids for q in prompts]

@@ -51,7 +51,6 @@ class EngineConfig:
     max_model_len: int = 1024  # prompt + completion (clamped to the model's max_position_embeddings)
     dtype: str = "float32"  # "bfloat16": decode with a bf16 copy of the weights and a bf16 cache
     speculative: bool = False  # MTP self-speculation when a single greedy sequence runs (batch-1 greedy path)
-    compile: bool = False  # torch.compile the decode step (pays off for long runs; cold compile takes a while)
     threads: int = 0  # torch threads while the engine runs (0 = leave torch's setting)
 
     def __post_init__(self):
@@ -146,7 +145,7 @@ class Engine:
         dtype = getattr(torch, config.dtype)
         # +1 position: a speculative verify writes the draft's latent one past the last real token
         self.cache = LatentCache(cfg, config.max_batch, self.max_model_len + 1, dtype=dtype, mtp=config.speculative)
-        self.runner = Runner(model, self.cache, dtype=dtype, compile=config.compile)
+        self.runner = Runner(model, self.cache, dtype=dtype)
         self.eos_id = _eos_id(tokenizer)
         self._ids = itertools.count()
         self._rng = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))

@@ -1,14 +1,15 @@
 """The decode step of the engine: T new tokens per running sequence over the latent cache, written for speed.
 
 The model's own cached forward (model/transformer.py) is the reference; this is the same math in fewer ops and
-without host synchronisation (at the sizes we run on a CPU a decode step costs its op count, not its FLOPs):
+without host synchronisation (at the sizes we run on a CPU a decode step costs its op count, not its FLOPs;
+torch.compile of this step measured slower than eager here, 22 vs 12 ms a step on a loaded machine):
 - absorbed MLA (DeepSeek-V2 §2.1, "W_UK can be absorbed into W_UQ, and W_UV into W_O"): the query weights are
   folded with W_UK (and the softmax scale), the output projection with W_UV, and the two score terms become ONE
   matmul over the cached row [c_kv ‖ k_pe]: (W_UK^T q_nope ‖ q_pe) · (c_kv ‖ k_pe) = q_nope·k_nope + q_pe·k_pe;
   the query down-projection and kv_a_proj_with_mqa (both read the block input) are one matmul;
-- MoE for the few tokens of a decode step without the sort/count dispatch: gather the chosen experts' weights when
-  4 x tokens x top-k <= experts (a gather copies what it reads), else run every expert as two matmuls with a zero
-  gate for the unchosen ones (the same weighted sum the model computes);
+- MoE for the few tokens of a decode step without the sort/count dispatch: run every expert as two matmuls with a
+  zero gate for the unchosen ones (the same weighted sum the model computes), or, when experts far outnumber the
+  routed tokens (8 x tokens x top-k <= experts), gather only the chosen experts' weights;
 - no MoE load statistics are counted: generating must not move the balance bias (V3 eq. 16) of a model in training.
 The folded weights are derived from the live parameters and re-derived whenever those change (an optimizer step
 bumps their version counters), so one engine serves a model that RL keeps training. In `dtype` bf16 they are
@@ -26,7 +27,7 @@ from nanoseek.model.rope import rope_cos_sin
 
 
 class Runner:
-    def __init__(self, model, cache, dtype: torch.dtype = torch.float32, compile: bool = False):
+    def __init__(self, model, cache, dtype: torch.dtype = torch.float32):
         self.model, self.cache, self.dtype = model, cache, dtype
         self.cfg = cfg = model.config
         self.L = cfg.num_hidden_layers
@@ -35,8 +36,6 @@ class Runner:
         self._watched = list(model.parameters()) + list(model.buffers())
         self._versions = None
         self.w: dict = {}
-        self._decode = torch.compile(self._decode_impl, dynamic=True) if compile else self._decode_impl
-        self._mtp = torch.compile(self._mtp_impl, dynamic=True) if compile else self._mtp_impl
 
     # ---- derived weights -----------------------------------------------------------------------------------
     def sync(self) -> None:
@@ -132,12 +131,12 @@ class Runner:
     def decode(self, input_ids, slots, start_pos, S: int):
         """input_ids [B, T] at positions start_pos[b]..; S = max(start_pos) + T, the cache length to read.
         Returns (logits [B, T, V] fp32, hidden [B, T, d])."""
-        return self._decode(input_ids, slots, start_pos, S)
+        return self._decode_impl(input_ids, slots, start_pos, S)
 
     def mtp(self, h_prev, next_ids, slots, start_pos, S: int):
         """MTP module 1 over its cache layer: h_prev [B, T, d] (main hidden at positions start_pos..), next_ids
         [B, T] (the tokens one ahead). Returns logits [B, T, V] (fp32) of the tokens two ahead."""
-        return self._mtp(h_prev, next_ids, slots, start_pos, S)
+        return self._mtp_impl(h_prev, next_ids, slots, start_pos, S)
 
     # ---- implementation ------------------------------------------------------------------------------------
     def _step_context(self, slots, start_pos, T: int, S: int) -> dict:
@@ -207,7 +206,7 @@ class Runner:
         N, K = idx.shape
         E, h2, d = gate_up.shape
         w = _cast(w, x.dtype)
-        if 4 * N * K > E:  # run every expert (reads each expert's weights once), zero gate for the unchosen
+        if 8 * N * K > E:  # run every expert (reads each expert's weights once), zero gate for the unchosen
             cw = torch.zeros(N, E, dtype=x.dtype).scatter(1, idx, w)  # [N, E]
             g, u = F.linear(x, gate_up.view(E * h2, d)).view(N, E, h2).chunk(2, dim=-1)
             y = F.linear((F.silu(g) * u * cw[..., None]).reshape(N, -1), b["down_flat"])
