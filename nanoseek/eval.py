@@ -234,46 +234,64 @@ def eval_questions(cfg: EvalConfig, preset) -> dict[str, list[dict]]:
     return out
 
 
+def run_requests(engine, jobs: list[tuple[list[int], object]]) -> list[list[tuple[list[int], str]]]:
+    """Submit every (prompt ids, SamplingParams) to the engine at once and step it until all finish; returns, per
+    job, its n samples as (token ids, finish reason). One continuous batch for sampled and greedy requests of
+    every split: the decode steps are shared instead of paid once per `generate` call."""
+    rids = [engine.add_request(p, params, stream_text=False) for p, params in jobs]
+    got: dict[str, list] = {r: [[[], None] for _ in range(params.n)] for r, (_, params) in zip(rids, jobs)}
+    while engine.has_unfinished():
+        for o in engine.step():
+            seq = got[o.request_id][o.index]
+            seq[0].extend(o.token_ids)
+            if o.finished:
+                seq[1] = o.finish_reason
+    return [[(ids, reason) for ids, reason in got[r]] for r in rids]
+
+
 def evaluate(engine, tokenizer, entries_by_split: dict[str, list[dict]], cfg: EvalConfig, model=None) -> dict:
-    """Run the protocol through `engine` (a nanoseek Engine, or anything with its `generate`). Returns the
+    """Run the protocol through `engine` (nanoseek's Engine: add_request / step / has_unfinished). Returns the
     JSON-able result: {"splits": {split: {task | "all": {metric: {mean, lo, hi, n}}}}, "config", "examples",
     "seconds", "tokens_generated"}, plus "expert_load" (see `expert_load`) when `model` is given."""
     from nanoseek.infer.sampling import SamplingParams
     from nanoseek.train.grpo import prompt_ids
 
-    t0, generated = time.perf_counter(), 0
+    t0 = time.perf_counter()
+    prompts = {split: [prompt_ids(tokenizer, e) for e in entries] for split, entries in entries_by_split.items()}
+    longest = max(len(p) for ps in prompts.values() for p in ps)
+    budget = min(cfg.max_tokens, engine.max_model_len - longest)
+    if budget < 1:
+        raise ConfigError(f"the longest prompt ({longest} tokens) leaves no room in engine.max_model_len="
+                          f"{engine.max_model_len}; raise engine.max_model_len")
+    sample = SamplingParams(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=budget, seed=cfg.seed)
+    greedy = SamplingParams(n=1, temperature=0.0, max_tokens=budget)
+    jobs = [(p, params) for ps in prompts.values() for p in ps for params in ([sample, greedy] if cfg.greedy
+                                                                              else [sample])]
+    torch.manual_seed(cfg.seed)
+    outs = iter(run_requests(engine, jobs))
+    generated = 0
     routed: list[list[int]] = []  # prompt + first sample of each question, for the expert-load measurement
     out = {"splits": {}, "config": asdict(cfg)}
     for split, entries in entries_by_split.items():
-        prompts = [prompt_ids(tokenizer, e) for e in entries]  # the R1 template, exactly as RL asks
-        opens = [_prompt_opens_think(tokenizer, p) for p in prompts]
-        budget = min(cfg.max_tokens, engine.max_model_len - max(len(p) for p in prompts))
-        if budget < 1:
-            raise ConfigError(f"the longest {split} prompt ({max(len(p) for p in prompts)} tokens) leaves no room "
-                              f"in engine.max_model_len={engine.max_model_len}; raise engine.max_model_len")
-        torch.manual_seed(cfg.seed)
-        samples = engine.generate(prompts, SamplingParams(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
-                                                          max_tokens=budget, seed=cfg.seed))
-        greedy = engine.generate(prompts, SamplingParams(n=1, temperature=0.0, max_tokens=budget)) \
-            if cfg.greedy else [None] * len(prompts)
         results = []
-        routed += [p + list(c[0].token_ids) for p, c in zip(prompts, samples)]
-        for e, comps, g, opened in zip(entries, samples, greedy, opens):
-            generated += sum(len(c.token_ids) for c in comps) + (len(g[0].token_ids) if g else 0)
+        for e, p in zip(entries, prompts[split]):
+            comps = next(outs)
+            g = next(outs)[0] if cfg.greedy else None
+            generated += sum(len(ids) for ids, _ in comps) + (len(g[0]) if g else 0)
+            routed.append(p + comps[0][0])
             results.append(score_question(
-                e, [completion_text(tokenizer, c.token_ids) for c in comps], [len(c.token_ids) for c in comps],
-                [c.finish_reason == "length" for c in comps], opened,
-                greedy_text=completion_text(tokenizer, g[0].token_ids) if g else None,
-                greedy_length=len(g[0].token_ids) if g else None))
+                e, [completion_text(tokenizer, ids) for ids, _ in comps], [len(ids) for ids, _ in comps],
+                [reason == "length" for _, reason in comps], _prompt_opens_think(tokenizer, p),
+                greedy_text=completion_text(tokenizer, g[0]) if g else None,
+                greedy_length=len(g[0]) if g else None))
+            if split == cfg.splits[0] and len(out.setdefault("examples", [])) < 3:
+                out["examples"].append({"task": e["task"], "question": e["question"], "answer": e["answer"],
+                                        "completion": completion_text(tokenizer, comps[0][0])})
         task_names = list(dict.fromkeys(r.task for r in results))
         table = {t: summarize([r for r in results if r.task == t], cfg.k, cfg.pass_ks(), cfg.bootstrap, cfg.seed)
                  for t in task_names}
         table["all"] = summarize(results, cfg.k, cfg.pass_ks(), cfg.bootstrap, cfg.seed)
         out["splits"][split] = table
-        if split == cfg.splits[0]:
-            out["examples"] = [{"task": e["task"], "question": e["question"], "answer": e["answer"],
-                                "completion": completion_text(tokenizer, comps[0].token_ids)}
-                               for e, comps in list(zip(entries, samples))[:3]]
     out["seconds"] = time.perf_counter() - t0
     out["tokens_generated"] = generated
     out["tokens_per_s"] = generated / max(out["seconds"], 1e-9)

@@ -112,33 +112,40 @@ def test_config_errors_name_the_field():
 
 
 class ScriptedEngine:
-    """Stands in for nanoseek's Engine: question i gets c_i = i % (k+1) correct samples (first), the rest one
-    shared wrong answer, and a correct greedy answer when i is even."""
+    """Stands in for nanoseek's Engine (add_request / step / has_unfinished): question i gets c_i = i % (k+1)
+    correct samples (first), the rest one shared wrong answer, and a correct greedy answer when i is even. Each
+    step hands out at most two tokens per sequence, as a real engine streams them."""
 
     max_model_len = 4096
 
     def __init__(self, tok, entries):
-        self.tok, self.by_prompt = tok, {}
-        self.entries = entries
-
-    def generate(self, prompts, params):
-        from types import SimpleNamespace
-
         from nanoseek.train.grpo import prompt_ids
 
-        out = []
-        for p in prompts:
-            i, e = next((i, e) for i, e in enumerate(self.entries) if prompt_ids(self.tok, e) == p)
-            k = params.n
-            c = i % (k + 1) if params.temperature > 0 else (k if i % 2 == 0 else 0)
-            group = []
-            for j in range(k):
-                ans = e["answer"] if j < c else "999999"
-                body = "some steps\n</think>\n<answer>" + ans + "</answer>"
-                ids = self.tok.encode(body) + [self.tok.eos_id]
-                group.append(SimpleNamespace(token_ids=ids, finish_reason="stop"))
-            out.append(group)
-        return out
+        self.tok, self.entries, self.pending = tok, entries, {}
+        self.index = {tuple(prompt_ids(tok, e)): i for i, e in enumerate(entries)}
+
+    def add_request(self, prompt, params, stream_text=True):
+        i, e = self.index[tuple(prompt)], self.entries[self.index[tuple(prompt)]]
+        c = i % (params.n + 1) if params.temperature > 0 else (1 if i % 2 == 0 else 0)
+        rid = f"r{len(self.pending)}"
+        self.pending[rid] = [self.tok.encode("some steps\n</think>\n<answer>" + (e["answer"] if j < c else "999999")
+                                             + "</answer>") + [self.tok.eos_id] for j in range(params.n)]
+        return rid
+
+    def has_unfinished(self):
+        return any(any(seqs) for seqs in self.pending.values())
+
+    def step(self):
+        from types import SimpleNamespace
+
+        outs = []
+        for rid, seqs in self.pending.items():
+            for j, ids in enumerate(seqs):
+                if ids:
+                    chunk, seqs[j] = ids[:2], ids[2:]
+                    outs.append(SimpleNamespace(request_id=rid, index=j, token_ids=chunk, finished=not seqs[j],
+                                                finish_reason="stop" if not seqs[j] else None))
+        return outs
 
 
 def _tokenizer():
