@@ -454,7 +454,9 @@ def write_report(run_dir: str | Path) -> Path:
         md += ["No eval results (`eval/<stage>.json`) yet.", ""]
 
     # ---- goals
-    md += ["## Goals (issue 4, at cpu-tiny)", ""] + goals(evals) + [""]
+    md += ["## Goals", "", "Issue 4's goals, set for the cpu-tiny preset" + (f" (this run: {preset})" if preset and
+           Path(str(preset)).stem != "cpu-tiny" else "") + "; checked on the held-out test split, whatever they show.",
+           ""] + goals(evals) + [""]
     md += ["## Files", "", f"Plots in `{plots.name}/`; per-step metrics in each stage's `metrics.jsonl`; eval "
            "results in `eval/<stage>.json`; stage logs in `logs/`.", ""]
     out = run / "report.md"
