@@ -47,7 +47,7 @@ def _full_logits(model, prompt, completion):
         return model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1]  # [len(completion), V]
 
 
-RUNNER_VARIANTS = {**{k: VARIANTS[k] for k in ("q_lora", "no_q_lora", "yarn", "groups")},
+RUNNER_VARIANTS = {**{k: VARIANTS[k] for k in ("q_lora", "no_q_lora", "yarn", "groups", "no_norm_topk")},
                    "many_experts": dict(n_routed_experts=32, num_experts_per_tok=2)}
 
 

@@ -105,12 +105,24 @@ class Runner:
             ex = mlp.experts
             E, h, d = ex.gate_proj.shape
             b["moe"] = mlp
+            b["router"] = mlp.gate.weight.detach().float()  # fp32 like the model's router; live in fp32
+            b["router_bias"] = mlp.gate.e_score_correction_bias
             b["gate_up"] = c(torch.cat([ex.gate_proj, ex.up_proj], dim=1))  # [E, 2h, d]
             b["down"] = c(ex.down_proj)  # [E, d, h]
-            b["down_flat"] = c(ex.down_proj.permute(1, 0, 2).reshape(d, E * h))  # [d, E*h]
+            # All-expert form: the shared experts' SwiGLU splits by hidden unit into n_shared extra experts of width
+            # h with gate 1, so routed + shared run as two matmuls: [E', 2h, d] and [d, E' h], E' = E + n_shared.
+            gu, down = [b["gate_up"]], [ex.down_proj]
             sh = mlp.shared_experts
-            b["shared"] = None if sh is None else (c(torch.cat([sh.gate_proj.weight, sh.up_proj.weight])),
-                                                     c(sh.down_proj.weight))
+            n_sh = 0 if sh is None else sh.gate_proj.weight.shape[0] // h
+            if n_sh:
+                gu.append(c(torch.cat([sh.gate_proj.weight.view(n_sh, h, d), sh.up_proj.weight.view(n_sh, h, d)], 1)))
+                down.append(sh.down_proj.weight.view(d, n_sh, h).transpose(0, 1))  # [n_sh, d, h]
+                b["shared"] = (c(torch.cat([sh.gate_proj.weight, sh.up_proj.weight])), c(sh.down_proj.weight))
+            else:
+                b["shared"] = None
+            b["all_gate_up"] = c(torch.cat(gu).view(-1, d))  # [E' 2h, d]
+            b["all_down"] = c(torch.cat(down).permute(1, 0, 2).reshape(d, -1))  # [d, E' h]
+            b["gate_row"] = torch.cat([torch.zeros(E), torch.ones(n_sh)]).to(self.dtype)[None]  # [1, E']
         else:
             b["moe"] = None
             b["mlp"] = (c(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])), c(mlp.down_proj.weight))
@@ -198,21 +210,36 @@ class Runner:
         o_lat = torch.bmm(p.view(B, T * H, S), lat[..., :r])  # [B, T*H, r]
         return F.linear(o_lat.view(B, T, H * r), b["w_o"], b.get("b_o"))  # W_UV folded into W_O
 
+    def _route(self, b, x):
+        """The model's router (model/moe.py Gate) in fewer ops: x [N, d] -> gates [N, K], expert ids [N, K]."""
+        cfg = self.cfg
+        scores = F.linear(_cast(x, torch.float32), b["router"]).sigmoid()  # [N, E]
+        choice = scores + b["router_bias"]
+        if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:  # keeping every group is no limit at all
+            N = x.shape[0]
+            grouped = choice.view(N, cfg.n_group, -1)  # [N, groups, E/groups]
+            keep = grouped.topk(2, dim=-1).values.sum(-1).topk(cfg.topk_group, dim=-1).indices
+            drop = torch.ones(N, cfg.n_group, dtype=torch.bool).scatter_(1, keep, False)
+            choice = grouped.masked_fill(drop[..., None], float("-inf")).view(N, -1)
+        idx = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
+        w = scores.gather(1, idx)  # gates from the raw s, not s + b
+        if cfg.norm_topk_prob:
+            return w * (cfg.routed_scaling_factor / (w.sum(-1, keepdim=True) + 1e-20)), idx
+        return w * cfg.routed_scaling_factor, idx
+
     def _moe(self, b, x):
-        """x [N, d] -> [N, d]: routed experts (the model's router) + shared experts."""
-        moe = b["moe"]
-        w, idx, _ = moe.gate(x)  # [N, K] gate values (already scaled), expert ids
-        gate_up, down = b["gate_up"], b["down"]
-        N, K = idx.shape
-        E, h2, d = gate_up.shape
+        """x [N, d] -> [N, d]: routed experts + shared experts."""
+        w, idx = self._route(b, x)
         w = _cast(w, x.dtype)
-        if 8 * N * K > E:  # run every expert (reads each expert's weights once), zero gate for the unchosen
-            cw = torch.zeros(N, E, dtype=x.dtype).scatter(1, idx, w)  # [N, E]
-            g, u = F.linear(x, gate_up.view(E * h2, d)).view(N, E, h2).chunk(2, dim=-1)
-            y = F.linear((F.silu(g) * u * cw[..., None]).reshape(N, -1), b["down_flat"])
-        else:  # few tokens, many experts: copy out only the chosen experts' weights
-            g, u = torch.einsum("nd,nkhd->nkh", x, gate_up[idx]).chunk(2, dim=-1)
-            y = torch.einsum("nkh,nkdh->nd", F.silu(g) * u * w[..., None], down[idx])
+        N, K = idx.shape
+        E = b["gate_up"].shape[0]
+        if 8 * N * K > E:  # every expert, the shared ones included, as two matmuls; zero gate for the unchosen
+            cw = b["gate_row"].expand(N, -1).scatter(1, idx, w)  # [N, E']
+            g, u = F.linear(x, b["all_gate_up"]).view(N, cw.shape[1], -1).chunk(2, dim=-1)
+            return F.linear((F.silu(g) * u * cw[..., None]).view(N, -1), b["all_down"])
+        # few tokens, many experts: copy out only the chosen experts' weights
+        g, u = torch.einsum("nd,nkhd->nkh", x, b["gate_up"][idx]).chunk(2, dim=-1)
+        y = torch.einsum("nkh,nkdh->nd", F.silu(g) * u * w[..., None], b["down"][idx])
         return y + _swiglu(x, *b["shared"]) if b["shared"] is not None else y
 
 
