@@ -397,6 +397,14 @@ def prompt_ids(tok, entry: dict) -> list[int]:
     return tok.encode_chat(prompt_messages(entry, r1=True))
 
 
+def reseed(engine, seed: int | None) -> None:
+    """Make the engine's next draws a function of `seed` (so a resumed run samples what the first run would have).
+    Not SamplingParams.seed: that seeds every request alike, so different prompts would share one random stream."""
+    rng = getattr(engine, "_rng", None)
+    if seed is not None and isinstance(rng, torch.Generator):
+        rng.manual_seed(seed)
+
+
 def sample_rollout(engine, tok, entries: list[dict], cfg: GRPOConfig, seed: int | None = None) -> Rollout:
     """G completions per entry from the engine, decoded and scored."""
     from nanoseek import tasks
@@ -406,7 +414,8 @@ def sample_rollout(engine, tok, entries: list[dict], cfg: GRPOConfig, seed: int 
     G = cfg.num_generations
     prompts = [prompt_ids(tok, e) for e in entries]
     params = SamplingParams(n=G, temperature=cfg.temperature, top_p=cfg.top_p,
-                            max_tokens=cfg.max_completion_length, seed=seed, logprobs=True)
+                            max_tokens=cfg.max_completion_length, logprobs=True)
+    reseed(engine, seed)
     outs = engine.generate(prompts, params)  # [P][G] Completion
     ro = Rollout([], [], [], [], [], [], [])
     for p, e, group in zip(prompts, entries, outs):

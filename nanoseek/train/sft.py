@@ -135,16 +135,16 @@ def rejection_sample(engine, tok, entries: list[dict], k: int, temperature: floa
     Returns (traces [{question, answer, task, completion, tokens}], figures)."""
     from nanoseek import tasks
     from nanoseek.infer.sampling import SamplingParams
-    from nanoseek.train.grpo import prompt_ids
+    from nanoseek.train.grpo import prompt_ids, reseed
 
     figures = {"questions": len(entries), "sampled": 0, "correct": 0, "kept": 0, "rejected": {}, "per_task": {}}
     traces = []
     for s in range(0, len(entries), batch):
         chunk = entries[s: s + batch]
         prompts = [prompt_ids(tok, e) for e in chunk]
-        torch.manual_seed(seed * 7919 + s)
+        reseed(engine, seed * 7919 + s)
         outs = engine.generate(prompts, SamplingParams(n=k, temperature=temperature, top_p=top_p,
-                                                       max_tokens=max_tokens, seed=seed * 7919 + s))
+                                                       max_tokens=max_tokens))
         for e, group in zip(chunk, outs):
             pt = figures["per_task"].setdefault(e["task"], {"questions": 0, "sampled": 0, "correct": 0, "kept": 0})
             pt["questions"] += 1
