@@ -161,9 +161,39 @@ def test_micro_batches_mask_the_completion():
     cfg = GRPOConfig(num_generations=2, micro_batch_size=1)
     mbs = make_micro_batches(ro, torch.tensor([1.0, -1.0]), cfg, pad_id=2)
     assert len(mbs) == 2 and mbs[0].num_items == 4 and mbs[0].n_micro == 2
-    # Row 0: ids 0 5 6 8 9 1; targets ids[1:]; completion targets are 8 9 1 at positions 2..4.
-    assert mbs[0].ids.tolist() == [[0, 5, 6, 8, 9, 1]] and mbs[0].mask.tolist() == [[0, 0, 1, 1, 1]]
-    assert mbs[1].ids.tolist() == [[0, 7, 4]] and mbs[1].mask.tolist() == [[0, 1]]
+    # Sorted by length: the short row first. Row 0: ids 0 5 6 8 9 1; targets ids[1:]; completion at positions 2..4.
+    assert mbs[1].ids.tolist() == [[0, 5, 6, 8, 9, 1]] and mbs[1].mask.tolist() == [[0, 0, 1, 1, 1]]
+    assert mbs[0].ids.tolist() == [[0, 7, 4]] and mbs[0].mask.tolist() == [[0, 1]]
+    assert mbs[0].adv.tolist() == [-1.0] and mbs[1].adv.tolist() == [1.0]
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
+def test_micro_batching_gives_the_whole_batch_gradient(loss_type):
+    """Splitting a rollout batch into unequal, length-sorted micro-batches (as the shared loop averages them) gives
+    the gradient of the whole batch in one piece."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**{**load_preset("smoke").raw["model"], "vocab_size": 16}))
+    g = torch.Generator().manual_seed(1)
+    prompts = [[0] + torch.randint(3, 16, (int(n),), generator=g).tolist()
+               for n in torch.randint(1, 6, (6,), generator=g)]
+    comps = [torch.randint(3, 16, (int(n),), generator=g).tolist() for n in torch.randint(1, 9, (6,), generator=g)]
+    ro = Rollout(prompts, comps, [{}] * 6, [""] * 6, [], [False] * 6)
+    adv = group_advantages(torch.tensor([1.0, 0.0, 2.0, 0.5, 0.0, 1.0]), 3)
+
+    def grads(micro):
+        cfg = GRPOConfig(num_generations=3, loss_type=loss_type, beta=0.0, micro_batch_size=micro,
+                         max_completion_length=8)
+        model.zero_grad()
+        mbs = make_micro_batches(ro, adv, cfg, pad_id=2)
+        fn = grpo.grpo_loss_fn(cfg)
+        for mb in mbs:
+            (fn(model, mb)[0] / len(mbs)).backward()  # what Trainer._forward_backward does
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    whole, split = grads(0), grads(4)  # chunks of 4 and 2 rows
+    assert len(whole) == len(split)
+    for a, b in zip(whole, split):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 # ---- rejection sampling ---------------------------------------------------------------------------------------------

@@ -480,14 +480,25 @@ class MicroBatch:
     sampler_logp: torch.Tensor | None = None  # [B, T] the engine's log-probs (a diagnostic: engine vs trainer)
     num_items: float = 0.0  # completion tokens in the whole rollout batch (dapo's denominator)
     n_micro: int = 1  # micro-batches in the optimizer step
+    weight: float = 1.0  # loss multiplier that makes the micro-batches' mean equal the whole batch's loss
 
 
 def make_micro_batches(ro: Rollout, adv: torch.Tensor, cfg: GRPOConfig, pad_id: int) -> list[MicroBatch]:
     """Rows = prompt + completion, right-padded (causal attention never looks right, so padding is harmless);
-    the loss mask marks the completion tokens."""
+    the loss mask marks the completion tokens.
+
+    With micro_batch_size, rows are sorted by length before chunking (one long truncated completion then pads only
+    its own chunk), and each chunk gets the weight that makes the shared loop's mean over micro-batches equal the
+    loss of the whole batch in one piece, for every loss_type:
+        grpo, dr_grpo   n_micro · rows/N          (per-sequence terms, averaged over the N sequences)
+        bnpo            n_micro · tokens/total    (token-level over the batch)
+        dapo            n_micro                   (already divided by num_items, the batch's token count)
+    """
     N = len(ro)
     size = cfg.micro_batch_size or N
-    chunks = [list(range(s, min(s + size, N))) for s in range(0, N, size)]
+    order = sorted(range(N), key=lambda i: len(ro.prompts[i]) + len(ro.completions[i])) if size < N else \
+        list(range(N))
+    chunks = [order[s: s + size] for s in range(0, N, size)]
     num_items = float(sum(len(c) for c in ro.completions))
     out = []
     for rows in chunks:
@@ -503,8 +514,15 @@ def make_micro_batches(ro: Rollout, adv: torch.Tensor, cfg: GRPOConfig, pad_id: 
             mask[b, len(p) - 1: len(p) - 1 + len(c)] = 1.0  # position t predicts ids[t+1]
             if have_sampler and c:
                 sampler[b, len(p) - 1: len(p) - 1 + len(c)] = torch.tensor(ro.sampler_logprobs[i])
+        n_micro = len(chunks)
+        if cfg.loss_type in ("grpo", "dr_grpo"):
+            weight = n_micro * len(rows) / N
+        elif cfg.loss_type == "bnpo":
+            weight = n_micro * float(mask.sum()) / max(num_items, 1.0)
+        else:  # dapo
+            weight = float(n_micro)
         out.append(MicroBatch(ids, mask, adv[rows], sampler_logp=sampler if have_sampler else None,
-                              num_items=num_items, n_micro=len(chunks)))
+                              num_items=num_items, n_micro=n_micro, weight=weight))
     return out
 
 
@@ -524,8 +542,7 @@ def _device(model) -> torch.device:
 
 
 def grpo_loss_fn(cfg: GRPOConfig):
-    """loss_fn(model, MicroBatch) for the shared Trainer, which averages micro-batch losses: dapo's loss is already
-    a sum over the whole batch divided by num_items, so it is scaled back up by the number of micro-batches."""
+    """loss_fn(model, MicroBatch) for the shared Trainer (which averages the micro-batch losses)."""
 
     def loss_fn(model, mb: MicroBatch):
         logp, ent = sequence_logprobs(model, mb, cfg.temperature, with_entropy=True)
@@ -533,8 +550,7 @@ def grpo_loss_fn(cfg: GRPOConfig):
         loss, stats = per_token_loss(logp, None if mb.old_logp is None else mb.old_logp.to(dev),
                                      None if mb.ref_logp is None else mb.ref_logp.to(dev), mb.adv.to(dev),
                                      mb.mask.to(dev), cfg, num_items=mb.num_items, entropy=ent)
-        if cfg.loss_type == "dapo":
-            loss = loss * mb.n_micro
+        loss = loss * mb.weight  # the Trainer averages micro-batch losses; see make_micro_batches
         if mb.sampler_logp is not None:  # how far the engine's sampling log-probs are from the trainer's
             m = mb.mask.to(dev)
             stats["sampler_logp_diff"] = float(((logp.detach() - mb.sampler_logp.to(dev)).abs() * m).sum()
