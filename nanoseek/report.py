@@ -356,8 +356,10 @@ def write_report(run_dir: str | Path) -> Path:
     md.append("")
 
     # ---- stages: what each cost
-    md += ["## Stages", "", "| stage | directory | status | seconds | tokens | peak RSS | key figure |",
-           "|---|---|---|---|---|---|---|"]
+    md += ["## Stages", "", "Wall-clock seconds, and CPU seconds of the stage's process (user + system: what it cost "
+           "even when other work shared the machine).", "",
+           "| stage | directory | status | seconds | CPU s | tokens | peak RSS | key figure |",
+           "|---|---|---|---|---|---|---|---|"]
     costs = {}
     rows = [("tasks", "tasks", "the task splits (train / val / test / OOD)", read_json(run / "tasks" / "stage.json"),
              (run / "tasks").is_dir())]
@@ -369,6 +371,7 @@ def write_report(run_dir: str | Path) -> Path:
         status = "done" if rec else ("present" if here else "missing")
         md.append(f"| {label} — {what} | `{d}/` | {status} | "
                   f"{'–' if rec.get('seconds') is None else format(rec['seconds'], '.1f')} | "
+                  f"{'–' if rec.get('cpu_seconds') is None else format(rec['cpu_seconds'], '.0f')} | "
                   f"{_fmt_tokens(rec.get('tokens'))} | {_fmt_rss(rec.get('peak_rss'))} | {rec.get('figure') or '–'} |")
         if rec:
             costs[label] = rec

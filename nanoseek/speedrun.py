@@ -195,8 +195,9 @@ def check_available(stages: list[Stage]) -> None:
 # ---- running one stage -------------------------------------------------------------------------------------------
 
 
-def run_subprocess(argv: list[str], log: Path) -> tuple[int, float, int]:
-    """Run `python -m nanoseek argv` with output to `log`; (exit code, seconds, peak RSS in bytes of that child)."""
+def run_subprocess(argv: list[str], log: Path) -> tuple[int, float, int, float]:
+    """Run `python -m nanoseek argv` with output to `log`; (exit code, wall seconds, peak RSS in bytes, CPU
+    seconds) of that child. CPU seconds say what the stage costs when the machine is shared (wall-clock does not)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
     t0 = time.perf_counter()
     with open(log, "a") as f:
@@ -210,7 +211,8 @@ def run_subprocess(argv: list[str], log: Path) -> tuple[int, float, int]:
             p.wait()
             raise
         p.returncode = os.waitstatus_to_exitcode(status)
-    return p.returncode, time.perf_counter() - t0, usage.ru_maxrss * 1024  # Linux reports kilobytes
+    cpu = usage.ru_utime + usage.ru_stime
+    return p.returncode, time.perf_counter() - t0, usage.ru_maxrss * 1024, cpu  # Linux reports ru_maxrss in KiB
 
 
 def tail(log: Path, n: int = 25) -> str:
@@ -358,7 +360,7 @@ class Speedrun:
                     resumed = True
                 else:  # nothing to resume from (crashed before its first checkpoint, or no --resume): start clean
                     shutil.rmtree(d)
-            code, secs, rss = run_subprocess(argv, self.logs / f"{stage.name}.log")
+            code, secs, rss, cpu = run_subprocess(argv, self.logs / f"{stage.name}.log")
             if code != 0:
                 self.say(f"FAILED (exit {code} after {secs:.0f}s)")
                 self.say(tail(self.logs / f"{stage.name}.log"))
@@ -372,11 +374,12 @@ class Speedrun:
                 fig = stage.figure(d) if stage.figure else ""
             except (OSError, ValueError, KeyError, TypeError) as e:
                 fig = f"(no key figure: {e})"
-            rec = {"seconds": secs, "tokens": stage_tokens(d), "peak_rss": rss, "figure": fig,
+            rec = {"seconds": secs, "cpu_seconds": cpu, "tokens": stage_tokens(d), "peak_rss": rss, "figure": fig,
                    "resumed": resumed, "command": "nanoseek " + " ".join(argv)}
         d.mkdir(parents=True, exist_ok=True)
         write_json(marker, rec)
-        extra = [f"{rec['tokens'] / 1e6:.2f}M tok" if rec.get("tokens") else "",
+        extra = [f"cpu {rec['cpu_seconds']:.0f}s" if rec.get("cpu_seconds") else "",
+                 f"{rec['tokens'] / 1e6:.2f}M tok" if rec.get("tokens") else "",
                  f"peak {rec['peak_rss'] / 2**30:.2f} GiB" if rec.get("peak_rss") else ""]
         extra = ", ".join(x for x in extra if x)
         self.say(f"{rec['seconds']:7.1f}s  {rec['figure']}" + (f"  ({extra})" if extra else ""))
@@ -389,7 +392,7 @@ class Speedrun:
         ev = self.run / "eval"
         ev.mkdir(exist_ok=True)
         todo = [s for s in self.cfg.evaluate if s in self.stages() and read_json(self.run / s / "stage.json")]
-        secs, peak, figs, tokens = 0.0, 0, [], 0
+        secs, peak, figs, tokens, cpu_total = 0.0, 0, [], 0, 0.0
         self.say(f"{prefix} ", end="")
         for s in todo:
             out = ev / f"{s}.json"
@@ -398,8 +401,8 @@ class Speedrun:
                 argv = ["eval", "--model", str(model_dir(self.run, s)), "--out", str(out), "--preset", self.preset_name]
                 for x in self.sets:
                     argv += ["--set", x]
-                code, t, rss = run_subprocess(argv, self.logs / f"eval_{s}.log")
-                secs, peak = secs + t, max(peak, rss)
+                code, t, rss, cpu = run_subprocess(argv, self.logs / f"eval_{s}.log")
+                secs, peak, cpu_total = secs + t, max(peak, rss), cpu_total + cpu
                 result = read_json(out)
                 if code != 0 or result is None:
                     self.say(f"FAILED on {s} (exit {code})")
@@ -411,7 +414,7 @@ class Speedrun:
             tokens += result.get("tokens_generated", 0)
             p = headline(result)
             figs.append(f"{s} {100 * p:.0f}%" if p is not None else f"{s} –")
-        rec = {"seconds": secs, "tokens": tokens or None, "peak_rss": peak or None,
+        rec = {"seconds": secs, "cpu_seconds": cpu_total or None, "tokens": tokens or None, "peak_rss": peak or None,
                "figure": "test pass@1: " + ", ".join(figs)}
         self.say(f"{secs:7.1f}s  {rec['figure']}")
         return rec
