@@ -269,6 +269,9 @@ class Speedrun:
     def stages(self) -> list[str]:
         names = [n for n in ORDER if n != "student_rl" or self.cfg.student_rl]
         if self.until:
+            if self.until not in names:
+                raise ConfigError(f"--until {self.until}: that stage is switched off in this preset "
+                                  "(speedrun.student_rl = false); choose another stage")
             names = names[: names.index(self.until) + 1]
         return names
 
@@ -281,11 +284,11 @@ class Speedrun:
         return state
 
     def invalidate_from(self, name: str) -> None:
-        """--redo: drop the markers of `name` and every stage after it (their outputs are redone)."""
+        """--redo: delete the outputs of `name` and every stage after it, so they are redone from scratch."""
         names = ORDER[ORDER.index(name):]
         for n in names:
-            if n in BY_NAME:
-                (self.run / n / "stage.json").unlink(missing_ok=True)
+            if n in BY_NAME:  # the whole directory: its checkpoints would otherwise be resumed, not redone
+                shutil.rmtree(self.run / n, ignore_errors=True)
             if n == "eval":
                 shutil.rmtree(self.run / "eval", ignore_errors=True)
         if "eval" not in names:  # models after `name` change, so their evals are stale

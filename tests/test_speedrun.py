@@ -92,3 +92,20 @@ def test_report_on_a_partial_run_names_what_is_missing(tmp_path):
     assert (tmp_path / "plots" / "pretrain_loss.png").is_file()
     assert (tmp_path / "plots" / "expert_load_steps.png").is_file()
     assert "not measured" in md  # goals that need missing stages say so instead of guessing
+
+
+def test_redo_deletes_the_stage_and_everything_after(tmp_path):
+    from nanoseek.speedrun import MODEL_STAGES, STAGES, Speedrun
+
+    for s in STAGES:
+        (tmp_path / s.name).mkdir()
+        (tmp_path / s.name / "stage.json").write_text("{}")
+    (tmp_path / "eval").mkdir()
+    for s in MODEL_STAGES:
+        (tmp_path / "eval" / f"{s}.json").write_text("{}")
+    Speedrun(tmp_path, "smoke", [], redo="rl").invalidate_from("rl")
+    after = ["rl", "student_base", "distill", "student_rl"]
+    for s in STAGES:
+        assert (tmp_path / s.name).exists() == (s.name not in after), s.name
+    for s in MODEL_STAGES:
+        assert (tmp_path / "eval" / f"{s}.json").exists() == (s not in after), s
