@@ -503,8 +503,9 @@ def run(args) -> int:
         prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
     elif args.prompt is not None:
         if tokenizer is None:
-            raise EngineError("--prompt needs a tokenizer (tokenizer.json in --model DIR); "
-                              "with a random model pass --prompt-ids 1,2,3")
+            print("nanoseek generate: --prompt needs a tokenizer (tokenizer.json in --model DIR); "
+                  "with a random model pass --prompt-ids 1,2,3", file=sys.stderr)
+            return 2
         prompt = tokenizer.encode(args.prompt)
     else:
         prompt = [model.config.bos_token_id or 0]
