@@ -289,11 +289,9 @@ class Speedrun:
         for n in names:
             if n in BY_NAME:  # the whole directory: its checkpoints would otherwise be resumed, not redone
                 shutil.rmtree(self.run / n, ignore_errors=True)
-            if n == "eval":
-                shutil.rmtree(self.run / "eval", ignore_errors=True)
-        if "eval" not in names:  # models after `name` change, so their evals are stale
-            for n in names:
-                (self.run / "eval" / f"{n}.json").unlink(missing_ok=True)
+                (self.run / "eval" / f"{n}.json").unlink(missing_ok=True)  # its model changes; earlier evals stay
+        if name == "eval":
+            shutil.rmtree(self.run / "eval", ignore_errors=True)
 
     def execute(self) -> int:
         self.run.mkdir(parents=True, exist_ok=True)
