@@ -195,6 +195,42 @@ async def run_clients(url: str, bodies: list[dict], concurrency: int, timeout: f
         return results, time.perf_counter() - t0
 
 
+def _client_main(url, warm, bodies, concurrency, timeout, conn) -> None:
+    """The client process: warm-up, then the timed run; sends (results, wall) or the error text back."""
+    try:
+        asyncio.run(run_clients(url, warm, concurrency, timeout))
+        conn.send(asyncio.run(run_clients(url, bodies, concurrency, timeout)))
+    except BaseException as e:  # reported by the parent
+        conn.send(f"{type(e).__name__}: {e}")
+    finally:
+        conn.close()
+
+
+def client_process(url, warm, bodies, args):
+    """Run the client in its own process (as vLLM's benchmark client is), so that parsing 32 SSE streams does not
+    take the server's GIL; the server and the engine stay in this process."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_client_main, args=(url, warm, bodies, args.concurrency, args.timeout, child),
+                       name="bench-client", daemon=True)
+    proc.start()
+    child.close()
+    try:
+        if not parent.poll(2 * args.timeout + 120):
+            raise RuntimeError("the client process sent nothing in time")
+        out = parent.recv()
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    if isinstance(out, str):
+        raise RuntimeError(f"client process failed: {out}")
+    return out
+
+
 def bench_nanoseek(model, tok, chats, args) -> dict:
     from nanoseek.infer.engine import Engine, EngineConfig
     from nanoseek.serve.api import create_app
@@ -213,9 +249,12 @@ def bench_nanoseek(model, tok, chats, args) -> dict:
     with LiveServer(app) as srv:
         log(f"server on {srv.url}; engine max_batch {args.concurrency}, max_model_len {max_len}, {args.dtype}")
         warm = [body(c, i, 8) for i, c in enumerate(chats[: min(4, len(chats))])]
-        asyncio.run(run_clients(srv.url, warm, args.concurrency, args.timeout))  # warm-up
         bodies = [body(c, i, args.max_tokens) for i, c in enumerate(chats)]
-        results, wall = asyncio.run(run_clients(srv.url, bodies, args.concurrency, args.timeout))
+        if args.client == "process":
+            results, wall = client_process(srv.url, warm, bodies, args)
+        else:
+            asyncio.run(run_clients(srv.url, warm, args.concurrency, args.timeout))  # warm-up
+            results, wall = asyncio.run(run_clients(srv.url, bodies, args.concurrency, args.timeout))
         stats = engine.stats()
     bad = [r["tokens"] for r in results if r["tokens"] != args.max_tokens]
     if bad:
@@ -310,6 +349,8 @@ def main(argv=None) -> int:
     p.add_argument("--hf-time-budget", type=float, default=900.0, help="stop transformers' sequential run after "
                    "this many seconds (its tokens/s stays per wall second of the requests it finished)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds for the whole concurrent run")
+    p.add_argument("--client", choices=("process", "thread"), default="process", help="where the streaming client "
+                   "runs: its own process (default; it does not share the server's GIL) or this process's main thread")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.model:
@@ -332,7 +373,7 @@ def main(argv=None) -> int:
         log(f"transformers seq.: {hf}")
     result = dict(bench="serve", model=source, requests=args.num_requests, concurrency=args.concurrency,
                   max_tokens=args.max_tokens, mean_prompt_tokens=round(statistics.mean(plen), 1),
-                  temperature=args.temperature, threads=torch.get_num_threads(), dtype=args.dtype,
+                  temperature=args.temperature, threads=torch.get_num_threads(), dtype=args.dtype, client=args.client,
                   speedup_tok_s=round(ns["output_tok_s"] / hf["output_tok_s"], 2), nanoseek=ns, transformers=hf,
                   load_avg_1m=round(os.getloadavg()[0], 1), seconds=round(time.perf_counter() - t_start, 1))
     print(json.dumps(result))
