@@ -106,14 +106,13 @@ def grouped_swiglu(xs, gate_proj, up_proj, down_proj, counts):
     dt = _compute_dtype(xs)
     h = gate_proj.shape[1]
     offs = counts.cumsum(0).to(torch.int32)
-    # cat (and the cast) make fresh, aligned weight copies; transposes are views grouped_mm takes as they are
-    w_gu = torch.cat([gate_proj, up_proj], dim=1).to(dt).transpose(1, 2)  # [E, d, 2h]
+    # Fresh, aligned, row-major [E, in, out] copies of the (small) weights: on CPU, grouped_mm over a transposed
+    # view runs ~2x slower than over a contiguous one (measured, 1 thread, bf16).
+    w_gu = torch.cat([gate_proj, up_proj], dim=1).transpose(1, 2).to(dt).contiguous()  # [E, d, 2h]
     gu = F.grouped_mm(xs.to(dt), w_gu, offs=offs)  # [S, 2h]
     g, u = gu.split([h, h], dim=-1)
-    w_d = down_proj.to(dt)
-    if not torch.compiler.is_compiling() and w_d.data_ptr() % 16:
-        w_d = w_d.clone()  # e.g. a weight memory-mapped from a checkpoint at an odd offset
-    return F.grouped_mm(F.silu(g) * u, w_d.transpose(1, 2), offs=offs)  # [S, h] x [E, h, d] -> [S, d]
+    w_d = down_proj.transpose(1, 2).to(dt).contiguous()  # [E, h, d]
+    return F.grouped_mm(F.silu(g) * u, w_d, offs=offs)  # [S, h] x [E, h, d] -> [S, d]
 
 
 def looped_swiglu(xs, gate_proj, up_proj, down_proj, counts):
