@@ -316,3 +316,17 @@ def test_bf16_copy_follows_live_weights():
     c2 = e.generate([p], SamplingParams(max_tokens=8, temperature=0))[0][0]
     assert c2.token_ids[0] != c.token_ids[0]
     assert c2.token_ids[0] == _full_logits(m, p, c2.token_ids[:1]).argmax(-1).item()
+
+
+def test_engine_seed_reproduces_unseeded_requests(model):
+    e = Engine(model, None, EngineConfig(max_batch=8, max_model_len=64, threads=1))
+    prompts = _prompts(3, seed=4)
+    params = SamplingParams(max_tokens=10, temperature=1.0, n=2)
+    runs = []
+    for _ in range(2):
+        e.seed(7)
+        runs.append([[c.token_ids for c in g] for g in e.generate(prompts, params)])
+    assert runs[0] == runs[1]
+    assert runs[0][0][0] != runs[0][1][0]  # prompts do not share a stream
+    e.seed(8)
+    assert [[c.token_ids for c in g] for g in e.generate(prompts, params)] != runs[0]

@@ -222,6 +222,11 @@ class Engine:
                                                 [] if seq.logprobs is not None else None))
         return True
 
+    def seed(self, seed: int) -> None:
+        """Reseed the generator of requests without their own seed (e.g. once per RL step, for reproducible runs
+        without every prompt sharing one stream, as a common SamplingParams.seed would make them)."""
+        self._rng.manual_seed(seed)
+
     def has_unfinished(self) -> bool:
         return bool(self._waiting or self._running or self._pending)
 
