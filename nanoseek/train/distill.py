@@ -75,7 +75,7 @@ def run(args) -> int:
     preset = load_preset(args.preset, args.set)
     cfg: DistillConfig = preset.section("distill")
     data_cfg = preset.section("data")
-    engine_cfg = preset.section("engine") if "engine" in preset.raw else None
+    engine_cfg = preset.section("engine")
     out = Path(args.out)
     if not args.resume and (out / "traces.json").exists():
         raise ConfigError(f"{out} already holds a distillation run; pass --resume to continue it, or a new --out")

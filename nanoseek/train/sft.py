@@ -201,7 +201,7 @@ def sample_traces(model_dir: str | Path, out: Path, data_cfg, cfg, engine_cfg=No
                   k: int, use_filter: bool, task_names: list[str], seed: int, log) -> tuple[list[dict], dict]:
     """Rejection-sample traces from the model in `model_dir` (or reuse out/traces.* from an earlier run)."""
     import nanoseek
-    from nanoseek.infer.engine import Engine
+    from nanoseek.infer.engine import Engine, EngineConfig
     from nanoseek.tokenizer import load_tokenizer
 
     done = read_traces(out)
@@ -209,9 +209,13 @@ def sample_traces(model_dir: str | Path, out: Path, data_cfg, cfg, engine_cfg=No
         log(f"reusing {len(done[0])} traces from {out / 'traces.jsonl'}")
         return done
     t0 = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     model = nanoseek.load(model_dir, mtp=False)
     tok = load_tokenizer(model_dir)
-    engine = Engine(model, tok, engine_cfg) if engine_cfg is not None else Engine(model, tok)
+    engine_cfg = engine_cfg or EngineConfig()
+    engine_cfg.max_batch = max(engine_cfg.max_batch, 64 * k)  # one wave per chunk of 64 questions
+    engine = Engine(model, tok, engine_cfg)
     entries = questions(data_cfg, task_names, n_questions, seed)
     traces, figures = rejection_sample(engine, tok, entries, k, cfg.temperature, cfg.top_p, cfg.max_tokens,
                                        cfg.max_trace_tokens, cfg.max_per_question, use_filter, seed)
@@ -326,7 +330,7 @@ def run(args) -> int:
     preset = load_preset(args.preset, args.set)
     cfg: SFTConfig = preset.section("sft")
     data_cfg = preset.section("data")
-    engine_cfg = preset.section("engine") if "engine" in preset.raw else None
+    engine_cfg = preset.section("engine")
     out = Path(args.out)
     if not args.resume and (out / "traces.json").exists():
         raise ConfigError(f"{out} already holds an SFT run; pass --resume to continue it, or choose a new --out")
