@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import tomllib
 
 from nanoseek.config import CONFIG_DIR, ConfigError, ModelConfig, load_preset
 from tests.tiny import BASE, tiny
@@ -46,7 +47,8 @@ def test_set_overrides():
     m = p.model
     assert (m.hidden_size, m.num_hidden_layers, m.q_lora_rank) == (256, 6, None)
     assert m.rope_scaling["factor"] == 2.0
-    assert load_preset("cpu-tiny").model.hidden_size == 128  # the preset file itself is untouched
+    raw = tomllib.loads((CONFIG_DIR / "cpu-tiny.toml").read_text())["model"]
+    assert load_preset("cpu-tiny").model.hidden_size == raw["hidden_size"]  # the preset file itself is untouched
 
 
 def _error(fn) -> str:
