@@ -41,12 +41,18 @@ def test_every_preset_loads(path):
     assert by_name.path == path
 
 
-def test_set_overrides():
-    p = load_preset("cpu-tiny", ["model.hidden_size=256", "num_hidden_layers=6", "model.q_lora_rank=none",
+def test_set_overrides(tmp_path):
+    p = load_preset("cpu-tiny", ["model.hidden_size=256", "model.num_hidden_layers=6", "model.q_lora_rank=none",
                                  "model.rope_scaling={type='yarn', factor=2.0, original_max_position_embeddings=512}"])
     m = p.model
     assert (m.hidden_size, m.num_hidden_layers, m.q_lora_rank) == (256, 6, None)
     assert m.rope_scaling["factor"] == 2.0
+    # a bare key works where exactly one section of the preset has it, and is refused where several do
+    (tmp_path / "one.toml").write_text("[model]\nhidden_size = 64\n")
+    assert load_preset(str(tmp_path / "one.toml"), ["num_hidden_layers=5"]).model.num_hidden_layers == 5
+    (tmp_path / "two.toml").write_text("[model]\nhidden_size = 64\n[student]\nhidden_size = 32\n")
+    msg = _error(lambda: load_preset(str(tmp_path / "two.toml"), ["hidden_size=5"]))
+    assert "model" in msg and "student" in msg and "section.hidden_size" in msg
     raw = tomllib.loads((CONFIG_DIR / "cpu-tiny.toml").read_text())["model"]
     assert load_preset("cpu-tiny").model.hidden_size == raw["hidden_size"]  # the preset file itself is untouched
 
