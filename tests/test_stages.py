@@ -117,10 +117,13 @@ def test_rl_zero_runs_logs_and_resumes(base_dir, tmp_path, monkeypatch):
 def test_rl_dapo_dynamic_sampling_and_student(student_dir, tmp_path):
     # The student arm (dense model, rl.student_steps) with DAPO: dynamic sampling, token-level loss, no reference.
     out = tmp_path / "student_rl"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "reward": 9.0}\n')  # a run that died before its checkpoint
     assert grpo.run(rl_args(student_dir, out, "rl.loss_type='dapo'", "rl.beta=0.0", "rl.max_sample_rounds=2",
-                            "rl.mu=2", student=True)) == 0
+                            "rl.mu=2", student=True, resume=True)) == 0
     recs = read_metrics(out)
-    assert len(recs) == 1 and recs[0]["optimizer_step"] == 2  # μ = 2 optimizer steps per rollout batch
+    assert len(recs) == 1 and recs[0]["reward"] != 9.0  # --resume without a checkpoint started over
+    assert recs[0]["optimizer_step"] == 2  # μ = 2 optimizer steps per rollout batch
     assert 1 <= recs[0]["sample_rounds"] <= 2 and recs[0]["train_groups"] == 2
     assert "kl" not in recs[0]  # β = 0: the reference model is never run
     assert_stage_dir(out, student_dir)

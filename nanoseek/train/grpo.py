@@ -624,7 +624,10 @@ def train(model_dir: str | Path, out: str | Path, cfg: GRPOConfig, data_cfg, eng
         trainer._truncate_metrics(done)  # records past the checkpoint belong to lost steps
         log(f"{stage}: resumed at RL step {done}")
     elif (out / "metrics.jsonl").exists():
-        raise ConfigError(f"{out} already holds an RL run; pass --resume to continue it, or choose a new --out")
+        if not resume:
+            raise ConfigError(f"{out} already holds an RL run; pass --resume to continue it, or choose a new --out")
+        for name in ("metrics.jsonl", "samples.jsonl"):  # crashed before its first checkpoint: start over
+            (out / name).unlink(missing_ok=True)
     ref = None
     if cfg.beta > 0:  # the frozen reference is the input model (also after a resume)
         ref = nanoseek.load(model_dir, mtp=False).to(trainer.device)

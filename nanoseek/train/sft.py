@@ -293,7 +293,9 @@ def finetune(model, tok, examples: list, cfg, out: Path, files: dict[str, str], 
     if resume and trainer.resume(loader):
         log(f"{stage}: resumed at step {trainer.step}")
     elif (out / "metrics.jsonl").exists():
-        raise ConfigError(f"{out} already holds a training run; pass --resume to continue it, or choose a new --out")
+        if not resume:
+            raise ConfigError(f"{out} already holds a training run; pass --resume to continue it, or a new --out")
+        (out / "metrics.jsonl").unlink()  # crashed before its first checkpoint: train again from the start
     n_tok = sum(len(e.completion_ids) for e in examples)
     log(f"{stage}: {len(examples)} examples ({n_tok} trained tokens), {cfg.steps} steps of {cfg.batch_size}")
     last = trainer.fit(loader) if trainer.step < cfg.steps else {}
