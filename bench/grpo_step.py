@@ -9,17 +9,21 @@ sampling temperature, loss, rewards, optimizer and precision, in one run. Ends w
 What one step is, on both sides: sample G completions for each of prompts_per_step training questions (R1 prompt
 through the chat template; TRL renders it from the tokenizer's Jinja template, which gives the same ids), score
 them with nanoseek's rule rewards (TRL calls them as its reward function), group advantages, one optimizer step
-(μ = 1, the whole batch in one forward/backward). Each side runs --warmup steps first; the figure is the mean of
-the next --steps steps, each timed end to end (nanoseek: between the progress lines `train` logs after every step;
-TRL: between consecutive `on_step_end` callbacks), so logging and bookkeeping count on both sides. Wall seconds
-are the headline; CPU seconds of the process per step are reported next to them (steadier on a shared machine).
-Completions of a random model rarely stop early, so both sides mostly generate max_completion_length tokens; the
-mean lengths are reported.
+(μ = 1) over the batch in micro-batches of rl.micro_batch_size completions (TRL: gradient accumulation over the
+same micro-batch size; nanoseek also sorts them by length, its own choice; 0 = the whole batch at once).
+
+Each side runs --warmup steps first; the figure is the mean of the next --steps steps, each timed end to end
+(nanoseek: between the progress lines `train` logs after every step; TRL: between consecutive `on_step_end`
+callbacks), so logging and bookkeeping count on both sides. Wall seconds are the headline; CPU seconds of the
+process per step are reported next to them (steadier on a shared machine), and each side's split into rollout and
+update. Completions of a random model rarely stop early, so both sides mostly generate max_completion_length
+tokens; the mean lengths are reported.
 
 TRL is configured to do the same work: no gradient checkpointing (its default is on; nanoseek does not recompute),
-the same bf16 autocast (or fp32 with --dtype fp32) with fp32 master weights, AdamW with β2 = 0.99 and constant lr,
-no reference model when β = 0, top-k and top-p off. Both sides use the same torch thread count (--threads,
-default 1: on a shared 2-core machine a second thread mostly adds synchronisation at this size).
+the preset's rl.dtype on both sides (bf16 autocast or fp32; fp32 master weights either way), AdamW with
+β2 = 0.99 and constant lr after the same warmup, no reference model when β = 0, top-k and top-p off. Both sides
+use the same torch thread count (--threads, default 1: on a shared 2-core machine a second thread mostly adds
+synchronisation at this size).
 
 A random model's vocabulary is cut to the tokenizer's (the cpu-tiny tokenizer has fewer tokens than the preset's
 vocab_size); a checkpoint is used as it is.
@@ -169,8 +173,11 @@ def bench_trl(model_dir: Path, cfg, args, workdir: Path) -> dict:
         def on_step_end(self, a, state, control, **kw):
             stamps.append((time.perf_counter(), time.process_time()))
 
+    # The same micro-batches as nanoseek: gradient accumulation over micro_batch_size completions (TRL then samples
+    # the whole step's P * G completions at once, steps_per_generation = gradient_accumulation_steps).
+    mbs = cfg.micro_batch_size if cfg.micro_batch_size and (P * G) % cfg.micro_batch_size == 0 else P * G
     targs = trl.GRPOConfig(
-        output_dir=str(workdir / "trl_out"), per_device_train_batch_size=P * G, gradient_accumulation_steps=1,
+        output_dir=str(workdir / "trl_out"), per_device_train_batch_size=mbs, gradient_accumulation_steps=P * G // mbs,
         num_generations=G, max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
         top_p=cfg.top_p, top_k=0, beta=cfg.beta, loss_type=cfg.loss_type, scale_rewards=cfg.scale_rewards,
         epsilon=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, num_iterations=cfg.mu,
@@ -238,7 +245,6 @@ def main(argv=None) -> int:
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     cfg.threads, cfg.seed, cfg.ckpt_every, cfg.log_every, cfg.steps = args.threads, args.seed, 0, 1, args.steps
-    cfg.micro_batch_size = 0  # one forward/backward over the whole rollout batch, as TRL does with these settings
     cfg.dynamic_sampling = False  # TRL samples once per step
     cfg.validate()
     if cfg.dtype not in ("bf16", "fp32"):
@@ -262,7 +268,8 @@ def main(argv=None) -> int:
                   trl_cpu_s_per_step=round(tr["cpu_s_per_step"], 3),
                   model=source, num_generations=cfg.num_generations, prompts_per_step=cfg.prompts_per_step,
                   max_completion_length=cfg.max_completion_length, loss_type=cfg.loss_type, beta=cfg.beta,
-                  dtype=cfg.dtype, threads=torch.get_num_threads(), warmup_steps=args.warmup, steps=args.steps,
+                  micro_batch_size=cfg.micro_batch_size, dtype=cfg.dtype, threads=torch.get_num_threads(),
+                  warmup_steps=args.warmup, steps=args.steps,
                   nanoseek={k: (round(v, 3) if isinstance(v, float) else v) for k, v in ns.items()},
                   trl={k: (round(v, 3) if isinstance(v, float) else v) for k, v in tr.items()},
                   load_avg_1m=round(os.getloadavg()[0], 1), seconds=round(time.perf_counter() - t_start, 1))
