@@ -276,11 +276,18 @@ class Speedrun:
         return names
 
     def check_same_config(self) -> dict:
+        """The run's recorded settings. Other settings are accepted only with --redo: the stages from there on are
+        made with the new ones (each stage.json records its own command); without --redo they would mix silently."""
         state = read_json(self.state_path) or {}
-        if state and (state.get("preset") != self.preset_name or state.get("sets", []) != self.sets):
-            raise ConfigError(f"{self.run} was started with --preset {state.get('preset')} "
-                              f"{' '.join('--set ' + s for s in state.get('sets', []))}; resuming it with other "
-                              "settings would mix two runs. Use the same settings, or a new --out")
+        old = (state.get("preset"), state.get("sets", []))
+        if state and old != (self.preset_name, self.sets):
+            if self.redo is None:
+                raise ConfigError(f"{self.run} was started with --preset {old[0]} "
+                                  f"{' '.join('--set ' + s for s in old[1])}; continuing it with other settings would "
+                                  "mix two runs. Use the same settings, add --redo STAGE to remake that stage and "
+                                  "all after it with the new ones, or choose a new --out")
+            state.setdefault("settings_history", []).append({"preset": old[0], "sets": old[1],
+                                                             "until_redo_of": self.redo})
         return state
 
     def invalidate_from(self, name: str) -> None:

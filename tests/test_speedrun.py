@@ -60,8 +60,13 @@ def test_smoke_pipeline_end_to_end(tmp_path, capsys):
     # A rerun with other settings would mix two runs: refused, naming the fix.
     from nanoseek.config import ConfigError
 
-    with pytest.raises(ConfigError, match="new --out"):
-        Speedrun(run, "smoke", ["rl.steps=99"]).execute()
+    with pytest.raises(ConfigError, match="--redo STAGE"):
+        Speedrun(run, "smoke", ["eval.k=2"]).execute()
+    # ... unless the stages they affect are redone: here only the evals (and the report).
+    assert Speedrun(run, "smoke", ["eval.k=2"], redo="eval").execute() == 0
+    assert json.loads((run / "eval" / "rl.json").read_text())["config"]["k"] == 2
+    state = json.loads((run / "speedrun.json").read_text())
+    assert state["sets"] == ["eval.k=2"] and state["settings_history"][0]["sets"] == []
 
 
 def test_missing_stage_is_named(monkeypatch):
