@@ -63,6 +63,7 @@ class GRPOConfig:
     top_p: float = 1.0
     # --- rewards (nanoseek.train.rewards)
     format_weight: float = 0.2  # reward = accuracy + format_weight * format (+ overlong)
+    require_reasoning: bool = True  # the format reward also needs non-empty text inside <think>…</think>
     overlong_buffer: int = 0  # DAPO L_cache in tokens; 0 disables the soft overlong penalty (L_max = max length)
     prompt_opens_think: bool = True  # the chat template's generation prompt ends with "<think>\n"
     # --- optimisation
@@ -435,6 +436,7 @@ def sample_rollout(engine, tok, entries: list[dict], cfg: GRPOConfig, seed: int 
             ro.sampler_logprobs.append(list(c.logprobs or [])[: len(ids)])
     ro.rewards = R.rewards(ro.texts, ro.entries, tasks.score, lengths=[len(c) for c in ro.completions],
                            prompt_opens_think=cfg.prompt_opens_think, format_weight=cfg.format_weight,
+                           require_reasoning=cfg.require_reasoning,
                            max_len=cfg.max_completion_length, overlong_buffer=cfg.overlong_buffer)
     return ro
 
