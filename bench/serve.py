@@ -16,11 +16,13 @@ on its own, and the server streams text, so greedy would hold whole replies back
 Metrics, as vLLM's benchmark_serving defines them, measured by the client:
 - TTFT: time from sending the request to the first streamed chunk that carries text;
 - TPOT: (end-to-end latency - TTFT) / (output tokens - 1), per request; output tokens from the usage chunk;
-- aggregate output tokens/s: all output tokens / wall time from the first request sent to the last one finished.
+- aggregate output tokens/s: all output tokens / wall time from the first request sent to the last one finished;
+- server_ttft_ms_mean: the server's own TTFT (its /metrics histogram, from the handler to the first token) over the
+  timed requests, to tell queueing and prefill in the engine from the HTTP/SSE legs.
 The transformers side runs the same requests one after another (batch 1, no server); its TTFT/TPOT are per request
 from that request's own start (a streamer stamps the first token), i.e. without the queueing a sequential server
-would add. Client, server and engine share this process (the engine steps in its own thread, as in `nanoseek
-serve`); the client is a plain httpx SSE reader.
+would add. The server and the engine share this process (the engine steps in its own thread, as in `nanoseek
+serve`); the client, a plain httpx SSE reader, runs in a child process (--client thread: in this process).
 
 Both sides use the same torch thread count (--threads, default 1: on a shared 2-core machine a second thread only
 adds synchronisation at this size). Loopback only; the request count and every timeout are bounded.
@@ -195,10 +197,9 @@ async def run_clients(url: str, bodies: list[dict], concurrency: int, timeout: f
         return results, time.perf_counter() - t0
 
 
-def _client_main(url, warm, bodies, concurrency, timeout, conn) -> None:
-    """The client process: warm-up, then the timed run; sends (results, wall) or the error text back."""
+def _client_main(url, bodies, concurrency, timeout, conn) -> None:
+    """The client process: the timed run; sends (results, wall) or the error text back."""
     try:
-        asyncio.run(run_clients(url, warm, concurrency, timeout))
         conn.send(asyncio.run(run_clients(url, bodies, concurrency, timeout)))
     except BaseException as e:  # reported by the parent
         conn.send(f"{type(e).__name__}: {e}")
@@ -206,14 +207,14 @@ def _client_main(url, warm, bodies, concurrency, timeout, conn) -> None:
         conn.close()
 
 
-def client_process(url, warm, bodies, args):
+def client_process(url, bodies, args):
     """Run the client in its own process (as vLLM's benchmark client is), so that parsing 32 SSE streams does not
     take the server's GIL; the server and the engine stay in this process."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_client_main, args=(url, warm, bodies, args.concurrency, args.timeout, child),
+    proc = ctx.Process(target=_client_main, args=(url, bodies, args.concurrency, args.timeout, child),
                        name="bench-client", daemon=True)
     proc.start()
     child.close()
@@ -229,6 +230,22 @@ def client_process(url, warm, bodies, args):
     if isinstance(out, str):
         raise RuntimeError(f"client process failed: {out}")
     return out
+
+
+def server_ttft(url: str) -> tuple[float, float]:
+    """(sum, count) of the server's own TTFT histogram (/metrics): from the request's arrival in the handler to its
+    first token, without the HTTP and SSE legs the client's TTFT adds."""
+    import re
+
+    import httpx
+
+    text = httpx.get(url + "/metrics", timeout=30, trust_env=False).text
+
+    def value(name):
+        m = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
+        return float(m.group(1)) if m else 0.0
+
+    return value("nanoseek:time_to_first_token_seconds_sum"), value("nanoseek:time_to_first_token_seconds_count")
 
 
 def bench_nanoseek(model, tok, chats, args) -> dict:
@@ -250,11 +267,13 @@ def bench_nanoseek(model, tok, chats, args) -> dict:
         log(f"server on {srv.url}; engine max_batch {args.concurrency}, max_model_len {max_len}, {args.dtype}")
         warm = [body(c, i, 8) for i, c in enumerate(chats[: min(4, len(chats))])]
         bodies = [body(c, i, args.max_tokens) for i, c in enumerate(chats)]
+        asyncio.run(run_clients(srv.url, warm, args.concurrency, args.timeout))  # warm-up
+        before = server_ttft(srv.url)
         if args.client == "process":
-            results, wall = client_process(srv.url, warm, bodies, args)
+            results, wall = client_process(srv.url, bodies, args)
         else:
-            asyncio.run(run_clients(srv.url, warm, args.concurrency, args.timeout))  # warm-up
             results, wall = asyncio.run(run_clients(srv.url, bodies, args.concurrency, args.timeout))
+        after = server_ttft(srv.url)
         stats = engine.stats()
     bad = [r["tokens"] for r in results if r["tokens"] != args.max_tokens]
     if bad:
@@ -265,7 +284,10 @@ def bench_nanoseek(model, tok, chats, args) -> dict:
         raise RuntimeError(f"the cache pool is not empty after the run: {stats}")
     ttft = [r["ttft"] for r in results]
     tpot = [(r["e2e"] - r["ttft"]) / (r["tokens"] - 1) for r in results if r["tokens"] > 1]
-    return summary(ttft, tpot, sum(r["tokens"] for r in results), wall)
+    n_server = after[1] - before[1]
+    server_mean = (after[0] - before[0]) / n_server * 1000 if n_server else float("nan")
+    return dict(summary(ttft, tpot, sum(r["tokens"] for r in results), wall),
+                server_ttft_ms_mean=round(server_mean, 1))
 
 
 # ---- transformers: the same requests one after another ----
