@@ -407,6 +407,8 @@ def test_load_200_requests_32_concurrent_10pct_aborted(server, engine, tiny):
     aborts_before = metric(server, "nanoseek:request_success_total", '{finished_reason="abort"}')
     tok = tiny[1]
     prompt_ids = tok.encode_chat(HI)
+    # as long as the context allows: far past the 3 events read before hanging up
+    long_run = engine.max_model_len - len(tok.encode_chat([{"role": "user", "content": "sing"}]))
     statuses, aborted, finished = [], [], []
 
     async def one(i: int, http: httpx.AsyncClient, sem: asyncio.Semaphore):
@@ -415,7 +417,7 @@ def test_load_200_requests_32_concurrent_10pct_aborted(server, engine, tiny):
             abort = i % 10 == 7
             if kind == 0 or abort:  # streaming chat
                 body = {"model": MODEL, "messages": [{"role": "user", "content": "sing" if abort else "hi"}],
-                        "stream": True, "max_tokens": 200 if abort else 24, "temperature": 0.8, "seed": i,
+                        "stream": True, "max_tokens": long_run if abort else 24, "temperature": 0.8, "seed": i,
                         "ignore_eos": abort}
                 async with http.stream("POST", "/v1/chat/completions", json=body) as r:
                     statuses.append(r.status_code)
@@ -453,8 +455,8 @@ def test_load_200_requests_32_concurrent_10pct_aborted(server, engine, tiny):
     assert len(aborted) == 20 and len(finished) == 180
     s = wait_idle(engine)  # the cache pool is empty afterwards
     assert s["slots_used"] == 0
-    # Each hung-up stream was aborted on the server (they would run to max_tokens=200, far past the 3 events we
-    # read, so a loaded machine cannot finish them before the hang-up is noticed).
+    # Each hung-up stream was aborted on the server (they would run to the end of the context, far past the 3
+    # events we read, so a loaded machine cannot finish them before the hang-up is noticed).
     assert metric(server, "nanoseek:request_success_total", '{finished_reason="abort"}') == aborts_before + 20
     print(f"load: 200 requests in {took:.1f}s")
 
