@@ -296,24 +296,44 @@ def evaluate(engine, tokenizer, entries_by_split: dict[str, list[dict]], cfg: Ev
     out["tokens_generated"] = generated
     out["tokens_per_s"] = generated / max(out["seconds"], 1e-9)
     if model is not None:
-        out["expert_load_layers"], out["expert_load"] = expert_load(model, routed[:: max(1, len(routed) // 64)])
+        # 32 answers spread over the tasks: ~5k tokens, ~1k per (layer, expert) cell at cpu-tiny; a full forward
+        # costs as much per token as training, so re-reading every answer would rival the generation itself.
+        out["expert_load_layers"], out["expert_load"] = expert_load(model, routed[:: max(1, len(routed) // 32)])
     return out
 
 
 @torch.no_grad()
-def expert_load(model, sequences: list[list[int]]) -> tuple[list[str], list[list[int]]]:
+def expert_load(model, sequences: list[list[int]], batch: int = 32) -> tuple[list[str], list[list[int]]]:
     """Tokens routed to each expert of each main-model MoE layer when `model` reads `sequences` (its own answers
-    to eval questions): ([layer names], [layer][expert] counts), for the report's heatmap. One sequence per forward,
-    so padding never counts (the engine's decode path deliberately keeps no load statistics)."""
-    layers = [(f"layer{i}", layer.mlp) for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "load")]
-    for _, m in layers:
-        m.load.zero_()
-    for ids in sequences:
-        model(torch.tensor([ids]))
-    counts = [m.load.tolist() for _, m in layers]
-    for _, m in layers:
-        m.load.zero_()
-    return [n for n, _ in layers], counts
+    to eval questions): ([layer names], [layer][expert] counts), for the report's heatmap. The engine's decode
+    path deliberately keeps no load statistics, so this re-reads them: right-padded batches (causal attention
+    keeps padding from touching real tokens), the router's choices caught by a hook, padding positions dropped."""
+    layers = [(f"layer{i}", layer.mlp) for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "gate")]
+    counts = [torch.zeros(m.gate.weight.shape[0], dtype=torch.long) for _, m in layers]
+    real = torch.zeros(0, dtype=torch.bool)
+    hooks = []
+    for j, (_, m) in enumerate(layers):
+        def hook(_mod, _inp, out, j=j):  # out = (weights [N, K], expert ids [N, K], scores [N, E])
+            counts[j] += torch.bincount(out[1][real].reshape(-1).cpu(), minlength=len(counts[j]))
+        hooks.append(m.gate.register_forward_hook(hook))
+    saved = [m.load.clone() for _, m in layers]
+    try:
+        for s in range(0, len(sequences), batch):
+            chunk = sequences[s: s + batch]
+            T = max(len(x) for x in chunk)
+            ids = torch.zeros(len(chunk), T, dtype=torch.long)  # [B, T], right-padded
+            mask = torch.zeros(len(chunk), T, dtype=torch.bool)
+            for i, x in enumerate(chunk):
+                ids[i, : len(x)] = torch.tensor(x)
+                mask[i, : len(x)] = True
+            real = mask.reshape(-1)  # [B*T], the gate sees tokens flattened in this order
+            model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+        for (_, m), old in zip(layers, saved):
+            m.load.copy_(old)  # leave the model's own balance counters as they were
+    return [n for n, _ in layers], [c.tolist() for c in counts]
 
 
 def completion_text(tokenizer, ids: list[int]) -> str:

@@ -187,12 +187,16 @@ def test_expert_load_counts_every_token_top_k_times():
     cfg = tiny()
     model = Transformer(cfg).eval()
     seqs = [[1, 2, 3, 4, 5], [7, 8], [9] * 11]
-    names, counts = expert_load(model, seqs)
+    names, counts = expert_load(model, seqs, batch=2)  # padded batches...
     n_moe = cfg.num_hidden_layers - cfg.first_k_dense_replace
     assert names == [f"layer{i}" for i in range(cfg.first_k_dense_replace, cfg.num_hidden_layers)]
     assert len(counts) == n_moe and all(len(c) == cfg.n_routed_experts for c in counts)
-    assert all(sum(c) == 18 * cfg.num_experts_per_tok for c in counts)  # 18 tokens, each to top-k experts
-    assert all(int(m.load.sum()) == 0 for m in model.moe_layers())  # counters left clean
+    assert all(sum(c) == 18 * cfg.num_experts_per_tok for c in counts)  # 18 real tokens, each to top-k experts
+    assert all(int(m.load.sum()) == 0 for m in model.moe_layers())  # the model's own counters untouched
+    # ... count exactly what one unpadded forward per sequence counts (the model's own load counters).
+    for x in seqs:
+        model(torch.tensor([x]))
+    assert counts == [m.load.tolist() for m in model.moe_layers()][:n_moe]
 
 
 def test_eval_questions_are_the_training_runs_held_out_splits():
