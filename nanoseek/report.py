@@ -398,8 +398,13 @@ def write_report(run_dir: str | Path) -> Path:
             if plot_heatmap(matrix, plots / "expert_load_steps.png", "max/mean expert load per MoE layer over "
                             "pretraining (1.0 = perfectly balanced)", "step", "MoE layer", xticks=steps,
                             ylabels=names):
+                k = max(1, len(rows) // 10)  # average the first and last tenth: single steps are noisy
+                first = [sum(r[i] for r in rows[:k]) / k for i in range(len(names))]
+                last = [sum(r[i] for r in rows[-k:]) / k for i in range(len(names))]
                 md += ["Auxiliary-loss-free balancing at work: each row is one MoE layer, the colour its most "
-                       "loaded expert's share relative to the mean (1 = balanced).", "",
+                       "loaded expert's load relative to the mean (1 = balanced). Max/mean, first → last tenth of "
+                       "training: " + ", ".join(f"{n} {a:.2f} → {b:.2f}" for n, a, b in zip(names, first, last))
+                       + ".", "",
                        "![expert load over pretraining](plots/expert_load_steps.png)", ""]
     else:
         md += ["No `pretrain/metrics.jsonl`: the pretraining stage is missing or wrote no metrics.", ""]
