@@ -127,6 +127,7 @@ def test_unknown_keys_in_preset(tmp_path):
 def test_unknown_keys_via_set():
     msg = _error(lambda: load_preset("cpu-tiny", ["model.hiden_size=64"]))
     assert "hiden_size" in msg and "did you mean 'hidden_size'" in msg
+    assert "no section" in _error(lambda: load_preset("cpu-tiny", ["not_a_field_anywhere=1"]))
     assert "key=value" in _error(lambda: load_preset("cpu-tiny", ["model.hidden_size"]))
     msg = _error(lambda: load_preset("cpu-tiny", ["model.hidden_size=wide"]))
     assert "hidden_size" in msg and "integer" in msg
