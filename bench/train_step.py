@@ -90,10 +90,11 @@ class Arm:
         self.tokens_per_cpu_s.append(x.numel() * steps / dc)
 
 
-def nanoseek_arm(model, compile_mode: str, aux_weight: float = 1e-4):
+def nanoseek_arm(model, compile_mode: str, inductor_mode: str | None, aux_weight: float = 1e-4):
     """nanoseek's step; with compile, the model is torch.compile'd whole (one graph: see tests/test_fast_paths.py)
     and the first step falls back to eager if compiling fails (unless --compile on)."""
-    state = {"fwd": torch.compile(model) if compile_mode != "off" else model, "compiled": compile_mode != "off"}
+    compiled = torch.compile(model, mode=inductor_mode) if compile_mode != "off" else model
+    state = {"fwd": compiled, "compiled": compile_mode != "off"}
 
     def loss_fn(x, y):
         out = state["fwd"](x)
@@ -147,6 +148,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile nanoseek's step (auto: fall back to eager if compiling fails)")
+    p.add_argument("--compile-mode", default="default",
+                   help="torch.compile mode for nanoseek, e.g. max-autotune-no-cudagraphs (AMX GEMM templates)")
     p.add_argument("--no-hf", action="store_true", help="time nanoseek only")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, = cores)")
     p.add_argument("--profile", metavar="DIR", help="write a torch.profiler table of nanoseek's step to DIR")
@@ -160,7 +163,7 @@ def main(argv=None):
     model = Transformer(cfg).train()
     tmp = tempfile.TemporaryDirectory()
     nanoseek.save(model, Path(tmp.name) / "ckpt")  # the same weights for both
-    arms = [nanoseek_arm(model, args.compile)]
+    arms = [nanoseek_arm(model, args.compile, None if args.compile_mode == "default" else args.compile_mode)]
     if not args.no_hf:
         arms.append(hf_arm(Path(tmp.name) / "ckpt"))
     B, T = args.batch, args.seq_len
@@ -201,7 +204,7 @@ def main(argv=None):
         "train_flops_per_token": flops_per_token,
         "matmul_params_per_token": matmul_params_per_token(cfg),
         "preset": args.preset, "batch": B, "seq_len": T, "rounds": args.rounds, "steps": args.steps,
-        "compile": arms[0].compiled(),
+        "compile": arms[0].compiled() and args.compile_mode,
         "threads": torch.get_num_threads(),
         "nanoseek_rounds": [round(v) for v in arms[0].tokens_per_s],
         "tokens_per_cpu_s": round(statistics.median(arms[0].tokens_per_cpu_s), 1),
