@@ -96,6 +96,8 @@ def grouped_mm_ok(xs: torch.Tensor, weight: torch.Tensor) -> bool:
     dt = _compute_dtype(xs)
     if dt not in (torch.bfloat16, torch.float32) or (torch.compiler.is_compiling() and dt != torch.bfloat16):
         return False  # torch 2.13's compiled grouped_mm takes bf16 only
+    if xs.device.type == "cuda" and (dt != torch.bfloat16 or torch.cuda.get_device_capability(xs.device) < (8, 0)):
+        return False  # the CUDA kernel: bf16 on sm80+ (untested here: no GPU)
     E, h, d = weight.shape
     return (h * dt.itemsize) % 16 == 0 and (d * dt.itemsize) % 16 == 0
 
