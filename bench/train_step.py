@@ -160,9 +160,10 @@ def main(argv=None):
     torch.manual_seed(0)
     cfg = load_preset(args.preset, args.set).model
     cfg.num_nextn_predict_layers = 0  # transformers' DeepseekV3ForCausalLM does not run MTP; compare like for like
-    model = Transformer(cfg).train()
     tmp = tempfile.TemporaryDirectory()
-    nanoseek.save(model, Path(tmp.name) / "ckpt")  # the same weights for both
+    nanoseek.save(Transformer(cfg), Path(tmp.name) / "ckpt")  # the same weights for both
+    # both arms load that checkpoint the same way a user would
+    model = nanoseek.load(Path(tmp.name) / "ckpt").train()
     arms = [nanoseek_arm(model, args.compile, None if args.compile_mode == "default" else args.compile_mode)]
     if not args.no_hf:
         arms.append(hf_arm(Path(tmp.name) / "ckpt"))
