@@ -323,3 +323,66 @@ def test_command_that_does_not_shard_is_refused_under_torchrun(monkeypatch, caps
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["eval", "--model", "nowhere"]) == 2  # refused before any process group or model is touched
     assert "does not split its work across ranks" in capsys.readouterr().err
+
+
+# ---- `nanoseek sft` under torchrun: masked loss over ranks holding different token counts ----------------------
+SFT_DATA = ["data.tasks=['add','sub']", "data.train_size=40", "data.val_size=4", "data.test_size=4",
+            "data.ood_size=4"]
+
+
+def sft_inputs(root: Path) -> tuple[Path, list[dict]]:
+    """A smoke model with a small tokenizer (a random init stands in for the pretrained base) and correct traces
+    (the worked solutions) as rejection sampling would have written them."""
+    import nanoseek
+    from nanoseek.data import DataConfig, corpus_texts, splits
+    from nanoseek.tokenizer import train_tokenizer
+
+    tok_dir = root / "tok"
+    train_tokenizer(corpus_texts(DataConfig(tasks=["add", "sub"], train_size=200, val_size=4, test_size=4,
+                                            ood_size=4)), vocab_size=300).save(tok_dir)
+    torch.manual_seed(0)
+    model_dir = nanoseek.save(Transformer(load_preset("smoke").model), root / "base",
+                              extra_files={f.name: str(f) for f in tok_dir.iterdir()})
+    entries = splits(load_preset("smoke", SFT_DATA).section("data"))["train"][:12]
+    traces = [{"question": e["question"], "answer": e["answer"], "task": e["task"], "entry": e, "tokens": 0,
+               "completion": e["solution"] + "\n</think>\n<answer>" + e["answer"] + "</answer>"} for e in entries]
+    return model_dir, traces
+
+
+def sft_cmd(model_dir, out, nproc: int) -> list[str]:
+    sets = [*SFT_DATA, "sft.steps=3", "sft.batch_size=4", "sft.lr=3e-3", "sft.warmup_steps=1", "sft.dtype=fp32",
+            "sft.ckpt_every=3", "sft.keep_checkpoints=0", "sft.progress=false", "sft.device=cpu"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    # --resume: the traces written below are reused (no sampling); there is no checkpoint, so training starts at 0.
+    return [*launch, "-m", "nanoseek", "sft", "--model", str(model_dir), "--out", str(out), "--preset", "smoke",
+            "--resume", *[a for s in sets for a in ("--set", s)]]
+
+
+def test_torchrun_sft_equals_one_process(tmp_path):
+    import nanoseek
+    from nanoseek.train.sft import write_traces
+
+    model_dir, traces = sft_inputs(tmp_path)
+    runs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"sft{nproc}"
+        write_traces(out, traces, {"kept": len(traces)})
+        r = subprocess.run(sft_cmd(model_dir, out, nproc), env=cli_env(), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.count('"stage": "sft"') == 1  # one summary line: only rank 0 speaks
+        runs[nproc] = read_metrics(out)
+        # Exactly one checkpoint (written once, by rank 0) and a final model that loads at world size 1.
+        assert [p.name for p in complete_checkpoints(out)] == ["step_000003"]
+        assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+        nanoseek.load(out / "model")
+    one, two = runs[1], runs[2]
+    assert [r["step"] for r in two] == [1, 2, 3] == [r["step"] for r in one]
+    for a, b in zip(one, two):
+        # Globally reduced: the trained-token count is the sum over both ranks, the loss the mean over all tokens.
+        assert a["tokens"] == b["tokens"] > 0, (a["tokens"], b["tokens"])
+        assert abs(a["loss"] - b["loss"]) <= TOL, (a["step"], a["loss"], b["loss"])
+    assert one[-1]["loss"] < one[0]["loss"]  # it trained
+    a, b = nanoseek.load(tmp_path / "sft1" / "model"), nanoseek.load(tmp_path / "sft2" / "model")
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(va, vb, atol=1e-5), k

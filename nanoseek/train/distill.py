@@ -29,7 +29,10 @@ from pathlib import Path
 import torch
 
 from nanoseek.config import ConfigError
+from nanoseek.train import distributed as D
 from nanoseek.train.sft import SFTConfig
+
+DISTRIBUTED = True  # under torchrun: rank 0 samples the teacher, every rank trains its rows (see train/sft.py)
 
 
 @dataclass
@@ -70,7 +73,7 @@ def run(args) -> int:
     from nanoseek.config import load_preset
     from nanoseek.tokenizer import load_tokenizer
     from nanoseek.train.grpo import tokenizer_files
-    from nanoseek.train.sft import finetune, log_stderr, sample_traces, trace_examples
+    from nanoseek.train.sft import finetune, log_stderr, shared_traces, trace_examples
 
     preset = load_preset(args.preset, args.set)
     cfg: DistillConfig = preset.section("distill")
@@ -83,7 +86,7 @@ def run(args) -> int:
     student = nanoseek.load(args.student)
     check_student(student, args.student, args.teacher)
     t0 = time.time()
-    traces, figures = sample_traces(args.teacher, out, data_cfg, cfg, engine_cfg, n_questions=cfg.n_questions,
+    traces, figures = shared_traces(args.teacher, out, data_cfg, cfg, engine_cfg, n_questions=cfg.n_questions,
                                     k=cfg.samples_per_question, use_filter=cfg.readable, task_names=cfg.tasks,
                                     seed=cfg.seed, log=log_stderr)
     if len(traces) < cfg.min_traces:
@@ -92,7 +95,9 @@ def run(args) -> int:
                           "lower distill.min_traces")
     tok = load_tokenizer(args.teacher)
     last = finetune(student, tok, trace_examples(traces, tok), cfg, out, tokenizer_files(args.teacher),
-                    args.resume, "distill", log_stderr)
+                    args.resume, "distill", log_stderr, parallel=preset.section("parallel"))
+    if not D.is_main():
+        return 0
     print(json.dumps({"stage": "distill", "traces": len(traces), "correct_rate": figures.get("correct_rate"),
                       "loss": last.get("loss"), "seconds": time.time() - t0}))
     return 0

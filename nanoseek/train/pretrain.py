@@ -46,14 +46,19 @@ class PretrainConfig(LoopConfig):
 
 
 # ---- the loss ------------------------------------------------------------------------------------------------
-def pretrain_loss(model, batch, cfg: PretrainConfig):
-    """batch = (x, y) [B, T] -> (loss, stats). MTP depth k predicts t_{i+k+1} = y_{i+k} from position i."""
+def pretrain_loss(model, batch, cfg: PretrainConfig, num_items: float | None = None):
+    """batch = (x, y) [B, T] -> (loss, stats). MTP depth k predicts t_{i+k+1} = y_{i+k} from position i.
+    num_items: divide the summed main cross-entropy by this instead of this batch's target count (masked SFT under
+    torchrun passes global_count / W, so the DDP-averaged loss is the mean over the whole batch's tokens)."""
     x, y = batch
     x, y = x.to(model_device(model)), y.to(model_device(model))
     use_mtp = cfg.mtp_weight > 0 and model.training
     out = model(x, mtp=use_mtp)
     V = out.logits.shape[-1]
-    main = F.cross_entropy(out.logits.float().reshape(-1, V), y.reshape(-1))  # [B*T, V] vs [B*T]
+    if num_items is None:
+        main = F.cross_entropy(out.logits.float().reshape(-1, V), y.reshape(-1))  # [B*T, V] vs [B*T]
+    else:
+        main = F.cross_entropy(out.logits.float().reshape(-1, V), y.reshape(-1), reduction="sum") / num_items
     loss = main
     stats = {"loss": main.detach(), "tokens": int((y != -100).sum())}
     if use_mtp and out.mtp_logits:

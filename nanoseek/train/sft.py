@@ -39,8 +39,13 @@ from pathlib import Path
 import torch
 
 from nanoseek.config import ConfigError
+from nanoseek.train import distributed as D
 from nanoseek.train.loop import LoopConfig
 from nanoseek.train.rewards import THINK_CLOSE, extract_answer, format_ok
+
+# Runs under torchrun: rank 0 samples the traces, every rank trains on its rows of each global batch (DDP/FSDP2
+# from [parallel]), rank 0 writes the model (docs/scaling.md).
+DISTRIBUTED = True
 
 
 @dataclass
@@ -240,13 +245,16 @@ def trace_examples(traces: list[dict], tok) -> list:
 
 
 class SFTLoader:
-    """Endless seeded batches of SFT examples, reshuffled every epoch; resumable from one integer."""
+    """Endless seeded batches of SFT examples, reshuffled every epoch; resumable from one integer. Under torchrun
+    every rank picks the same global batch of batch_size examples, pads it as one, and keeps its own rows
+    (D.shard_range): the rows, padding included, are exactly one process's."""
 
     def __init__(self, examples: list, batch_size: int, pad_id: int, max_len: int, seed: int = 0):
         if not examples:
             raise ValueError("no SFT examples")
         self.examples, self.batch_size, self.pad_id, self.max_len = examples, batch_size, pad_id, max_len
         self.seed, self.pos = seed, 0
+        self.rows = D.shard_range(batch_size)  # this rank's rows of each global batch (all rows on one process)
 
     def __iter__(self):
         return self
@@ -261,7 +269,8 @@ class SFTLoader:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
             picked.append(self.examples[int(order[i])])
             self.pos += 1
-        return sft_batch(picked, self.pad_id, self.max_len)
+        x, y = sft_batch(picked, self.pad_id, self.max_len)  # [B, T] for the global batch
+        return x[self.rows.start: self.rows.stop], y[self.rows.start: self.rows.stop]  # [B/W, T]
 
     def state_dict(self) -> dict:
         return {"pos": self.pos, "n": len(self.examples), "seed": self.seed}
@@ -273,33 +282,51 @@ class SFTLoader:
         self.pos = int(state["pos"])
 
 
+def sft_loss(model, batch, cfg):
+    """pretrain_loss on masked targets. Under torchrun the ranks hold different numbers of trained tokens, so each
+    divides its summed cross-entropy by global_tokens / W: DDP's average is then the mean over the whole global
+    batch's tokens, as on one process (a plain per-rank mean, averaged, would weight the ranks' tokens unequally).
+    The logged loss (averaged over ranks by the loop) is that global mean too."""
+    from nanoseek.train.pretrain import pretrain_loss
+
+    if D.world_size() == 1:
+        return pretrain_loss(model, batch, cfg)
+    return pretrain_loss(model, batch, cfg, num_items=D.dapo_num_items(int((batch[1] != -100).sum())))
+
+
 def finetune(model, tok, examples: list, cfg, out: Path, files: dict[str, str], resume: bool, stage: str,
-             log) -> dict:
-    """Masked-loss SFT of `model` on `examples` with the shared loop; saves out/model. Returns the last record."""
+             log, parallel=None) -> dict:
+    """Masked-loss SFT of `model` on `examples` with the shared loop; saves out/model (rank 0 under torchrun).
+    Returns the last record."""
     from nanoseek.checkpoint import save
     from nanoseek.train.loop import Trainer
-    from nanoseek.train.pretrain import balance_hook, pretrain_loss
+    from nanoseek.train.pretrain import balance_hook
 
     if not examples:  # allowed only with min_traces = 0 (the smoke preset's random models solve nothing)
         log(f"{stage}: no traces to train on; the model is saved unchanged")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.jsonl").write_text(json.dumps({"step": 0, "examples": 0}) + "\n")
-        save(model, out / "model", extra_files=files)
+        if D.is_main():
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "metrics.jsonl").write_text(json.dumps({"step": 0, "examples": 0}) + "\n")
+            save(model, out / "model", extra_files=files)
         return {}
     loader = SFTLoader(examples, cfg.batch_size, tok.pad_id, cfg.max_len, cfg.seed)
     hooks = [balance_hook(cfg.bias_gamma)] if model.moe_layers() else []
-    trainer = Trainer(model, cfg, out, lambda m, b: pretrain_loss(m, b, cfg), after_step=hooks, extra_files=files,
-                      run_info={"stage": stage, "examples": len(examples)})
+    trainer = Trainer(model, cfg, out, lambda m, b: sft_loss(m, b, cfg), after_step=hooks, extra_files=files,
+                      run_info={"stage": stage, "examples": len(examples)}, parallel=parallel)
     if resume and trainer.resume(loader):
         log(f"{stage}: resumed at step {trainer.step}")
     elif (out / "metrics.jsonl").exists():
         if not resume:
             raise ConfigError(f"{out} already holds a training run; pass --resume to continue it, or a new --out")
-        (out / "metrics.jsonl").unlink()  # crashed before its first checkpoint: train again from the start
+        D.barrier()  # every rank has seen the file before rank 0 removes it
+        if D.is_main():
+            (out / "metrics.jsonl").unlink()  # crashed before its first checkpoint: train again from the start
     n_tok = sum(len(e.completion_ids) for e in examples)
     log(f"{stage}: {len(examples)} examples ({n_tok} trained tokens), {cfg.steps} steps of {cfg.batch_size}")
     last = trainer.fit(loader) if trainer.step < cfg.steps else {}
-    save(trainer.raw_model, out / "model", extra_files=files)
+    full = D.FullModel(trainer.raw_model)  # every rank gathers (FSDP2 shards); rank 0 writes
+    if D.is_main():
+        save(full, out / "model", extra_files=files)
     return last
 
 
@@ -320,7 +347,22 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def log_stderr(s: str) -> None:
-    print(s, file=sys.stderr, flush=True)
+    if D.is_main():  # one rank speaks under torchrun
+        print(s, file=sys.stderr, flush=True)
+
+
+def shared_traces(model_dir, out: Path, data_cfg, cfg, engine_cfg, **kw) -> tuple[list[dict], dict]:
+    """sample_traces on rank 0 (or one process); under torchrun the other ranks wait, then read what it wrote."""
+    D.barrier()  # every rank has checked --out before rank 0 writes traces into it
+    if D.is_main():
+        done = sample_traces(model_dir, out, data_cfg, cfg, engine_cfg, **kw)
+    D.barrier()
+    if not D.is_main():
+        done = read_traces(out)
+        if done is None:
+            raise ConfigError(f"rank {D.rank()} finds no {out / 'traces.json'} after rank 0 sampled; --out must be "
+                              "on a file system every rank sees")
+    return done
 
 
 def run(args) -> int:
@@ -338,7 +380,7 @@ def run(args) -> int:
         raise ConfigError(f"{out} already holds an SFT run; pass --resume to continue it, or choose a new --out")
     t0 = time.time()
     source = args.traces_from or args.model
-    traces, figures = sample_traces(source, out, data_cfg, cfg, engine_cfg, n_questions=cfg.n_questions,
+    traces, figures = shared_traces(source, out, data_cfg, cfg, engine_cfg, n_questions=cfg.n_questions,
                                     k=cfg.samples_per_question, use_filter=cfg.readable, task_names=cfg.tasks,
                                     seed=cfg.seed, log=log_stderr)
     if len(traces) < cfg.min_traces:
@@ -349,7 +391,9 @@ def run(args) -> int:
     torch.manual_seed(cfg.seed)
     model = nanoseek.load(args.model)
     last = finetune(model, tok, trace_examples(traces, tok), cfg, out, tokenizer_files(args.model), args.resume,
-                    "sft", log_stderr)
+                    "sft", log_stderr, parallel=preset.section("parallel"))
+    if not D.is_main():
+        return 0
     print(json.dumps({"stage": "sft", "traces": len(traces), "kept_rate": figures.get("kept_rate"),
                       "loss": last.get("loss"), "seconds": time.time() - t0}))
     return 0
