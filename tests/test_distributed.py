@@ -359,11 +359,16 @@ def sft_cmd(model_dir, out, nproc: int) -> list[str]:
             "--resume", *[a for s in sets for a in ("--set", s)]]
 
 
-def test_torchrun_sft_equals_one_process(tmp_path):
+@pytest.fixture(scope="module")
+def smoke_base(tmp_path_factory):
+    return sft_inputs(tmp_path_factory.mktemp("base"))
+
+
+def test_torchrun_sft_equals_one_process(smoke_base, tmp_path):
     import nanoseek
     from nanoseek.train.sft import write_traces
 
-    model_dir, traces = sft_inputs(tmp_path)
+    model_dir, traces = smoke_base
     runs = {}
     for nproc in (1, 2):
         out = tmp_path / f"sft{nproc}"
@@ -386,3 +391,32 @@ def test_torchrun_sft_equals_one_process(tmp_path):
     a, b = nanoseek.load(tmp_path / "sft1" / "model"), nanoseek.load(tmp_path / "sft2" / "model")
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.allclose(va, vb, atol=1e-5), k
+
+
+def test_torchrun_rl_zero_two_ranks(smoke_base, tmp_path):
+    """`nanoseek rl --zero` on two ranks: each rank samples its whole groups; DAPO's token count and the batch-std
+    advantage scale are global (collectives); rank 0 alone logs, checkpoints and saves."""
+    import nanoseek
+
+    out = tmp_path / "zero"
+    sets = [*SFT_DATA, "rl.zero_steps=2", "rl.num_generations=3", "rl.prompts_per_step=4",
+            "rl.max_completion_length=8", "rl.ckpt_every=0", "rl.dtype=fp32", "rl.loss_type=dapo",
+            "rl.scale_rewards=batch"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanoseek",
+           "rl", "--zero", "--model", str(smoke_base[0]), "--out", str(out), "--preset", "smoke",
+           *[a for s in sets for a in ("--set", s)]]
+    r = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count('"stage": "zero"') == 1 and r.stderr.count("zero step 2/2") == 1  # rank 0 speaks
+    recs = read_metrics(out)
+    assert [x["step"] for x in recs] == [1, 2]
+    for x in recs:  # globally reduced: both ranks' samples counted (a random model earns no reward, so dynamic
+        # sampling, on for dapo, makes every rank sample max_sample_rounds rounds, then top up with flat groups)
+        assert x["sample_rounds"] == 3 and x["samples"] == 3 * 4 * 3 and x["train_groups"] == 4, x
+    assert [p.name for p in complete_checkpoints(out)] == ["step_000002"]  # written once, at the last step
+    assert nanoseek.load(out / "model").config.num_hidden_layers == load_preset("smoke").model.num_hidden_layers
+    # prompts_per_step must split over the ranks: a clear error, not a hang.
+    bad = [a if a != "rl.prompts_per_step=4" else "rl.prompts_per_step=3" for a in cmd]
+    bad[bad.index(str(out))] = str(tmp_path / "bad")
+    r = subprocess.run(bad, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "does not split over 2 ranks" in r.stderr, r.stderr[-3000:]

@@ -35,7 +35,13 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.config import ConfigError
+from nanoseek.train import distributed as D
 from nanoseek.train.rewards import Reward
+
+# Runs under torchrun with DDP: every rank draws the same prompts and keeps its share of whole groups (so each
+# group's advantages are computed over the whole group), samples them with its own engine, and the updates are
+# averaged; rank 0 writes the logs and the model (docs/scaling.md).
+DISTRIBUTED = True
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 SCALES = ("group", "batch", "none")
@@ -445,8 +451,17 @@ def collect_rollout(engine, tok, stream: PromptStream, cfg: GRPOConfig, step: in
     """The step's training batch (prompts_per_step groups), everything sampled for it (for the logs), and the
     number of sampling rounds. Dynamic sampling (DAPO eq. 11) keeps only groups whose rewards differ and samples
     again until it has enough; after max_sample_rounds it tops up with zero-variance groups (their advantage is 0:
-    they add only the KL term), so every step trains on the same number of groups."""
-    G, want = cfg.num_generations, cfg.prompts_per_step
+    they add only the KL term), so every step trains on the same number of groups.
+
+    Under torchrun every rank takes the same questions from the stream and keeps its contiguous share
+    (D.shard_range: whole groups), so the ranks together sample what one process would, with rank-specific seeds.
+    With dynamic sampling each rank fills its own quota of prompts_per_step / W groups, so the batch is not
+    exactly one process's, and the ranks' streams may drift apart (a checkpoint stores rank 0's position)."""
+    G, W = cfg.num_generations, D.world_size()
+    if cfg.prompts_per_step % W:
+        raise ConfigError(f"rl.prompts_per_step = {cfg.prompts_per_step} does not split over {W} ranks; use a "
+                          f"multiple of {W}")
+    want = cfg.prompts_per_step // W  # this rank's groups
     seen: Rollout | None = None
     kept: Rollout | None = None
     spare: list[tuple[Rollout, int]] = []
@@ -454,7 +469,9 @@ def collect_rollout(engine, tok, stream: PromptStream, cfg: GRPOConfig, step: in
     while True:
         rounds += 1
         n = want if kept is None else want - len(kept) // G
-        ro = sample_rollout(engine, tok, stream.take(n), cfg, seed=cfg.seed * 100_003 + step * 101 + rounds)
+        taken, mine = stream.take(n * W), D.shard_range(n * W)  # the same questions on every rank; keep ours
+        ro = sample_rollout(engine, tok, taken[mine.start: mine.stop], cfg,
+                            seed=cfg.seed * 100_003 + step * 101 + rounds + D.rank() * 1_000_000_007)
         seen = ro if seen is None else seen + ro
         if not cfg.dynamic_sampling:
             return ro, seen, rounds
@@ -597,16 +614,20 @@ def train_questions(data_cfg, task_names: list[str]) -> list[dict]:
 
 
 def train(model_dir: str | Path, out: str | Path, cfg: GRPOConfig, data_cfg, engine_cfg=None, *,
-          steps: int | None = None, stage: str = "rl", resume: bool = False, log=None) -> dict:
+          steps: int | None = None, stage: str = "rl", resume: bool = False, log=None, parallel=None) -> dict:
     """GRPO from the checkpoint in `model_dir`; writes `out` (see the block comment above). Returns the last
-    metrics record."""
+    metrics record. `parallel`: the [parallel] section under torchrun (DDP only: every rank's rollout engine
+    needs the whole weights)."""
     import nanoseek
     from nanoseek.checkpoint import save
     from nanoseek.infer.engine import Engine
     from nanoseek.tokenizer import load_tokenizer
     from nanoseek.train.loop import LoopConfig, Trainer
 
-    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True) if D.is_main() else None)
+    if D.world_size() > 1 and parallel is not None and parallel.strategy == "fsdp":
+        raise ConfigError("rl under torchrun: parallel.strategy = 'fsdp' shards the weights, but each rank's rollout "
+                          "engine needs them whole; use --set parallel.strategy=ddp")
     out = Path(out)
     steps = steps or cfg.steps
     tok = load_tokenizer(model_dir)
@@ -619,17 +640,20 @@ def train(model_dir: str | Path, out: str | Path, cfg: GRPOConfig, data_cfg, eng
                           grad_clip=cfg.grad_clip, dtype=cfg.dtype, seed=cfg.seed, eval_every=0, ckpt_every=0,
                           keep_checkpoints=2, progress=False, threads=cfg.threads)
     trainer = Trainer(policy, loop_cfg, out, grpo_loss_fn(cfg), extra_files=files,
-                      run_info={"stage": stage, "model": str(model_dir)})
+                      run_info={"stage": stage, "model": str(model_dir)}, parallel=parallel)
     done = 0
     if resume and trainer.resume(stream):
         done = int(trainer.extra_state.get("rl_step", 0))
-        trainer._truncate_metrics(done)  # records past the checkpoint belong to lost steps
+        if D.is_main():
+            trainer._truncate_metrics(done)  # records past the checkpoint belong to lost steps
         log(f"{stage}: resumed at RL step {done}")
     elif (out / "metrics.jsonl").exists():
         if not resume:
             raise ConfigError(f"{out} already holds an RL run; pass --resume to continue it, or choose a new --out")
+        D.barrier()  # every rank has seen the files before rank 0 removes them
         for name in ("metrics.jsonl", "samples.jsonl"):  # crashed before its first checkpoint: start over
-            (out / name).unlink(missing_ok=True)
+            if D.is_main():
+                (out / name).unlink(missing_ok=True)
     ref = None
     if cfg.beta > 0:  # the frozen reference is the input model (also after a resume)
         ref = nanoseek.load(model_dir, mtp=False).to(trainer.device)
@@ -645,8 +669,17 @@ def train(model_dir: str | Path, out: str | Path, cfg: GRPOConfig, data_cfg, eng
             batch, seen, rounds = collect_rollout(engine, tok, stream, cfg, step)
         t1 = time.perf_counter()
         rew = torch.tensor([r.reward for r in batch.rewards])
-        adv = group_advantages(rew, G, cfg.scale_rewards)
+        if cfg.scale_rewards == "batch" and D.world_size() > 1:  # the std of the WHOLE batch, over all ranks
+            adv = group_advantages(rew, G, "none") / (D.all_gather_cat(rew).float().std() + STD_EPS)
+        else:
+            adv = group_advantages(rew, G, cfg.scale_rewards)  # groups are whole on this rank
         mbs = make_micro_batches(batch, adv, cfg, tok.pad_id)
+        if D.world_size() > 1:  # token-level losses divide by the whole batch's tokens / W (DDP then averages)
+            global_items = D.dapo_num_items(sum(len(c) for c in batch.completions))
+            for mb in mbs:
+                if cfg.loss_type == "bnpo":
+                    mb.weight = mb.weight * max(mb.num_items, 1.0) / max(global_items, 1.0)
+                mb.num_items = global_items
         if ref is not None:
             fill_logprobs(ref, mbs, cfg, "ref_logp", trainer.autocast)
         if cfg.mu > 1:  # π_old is the policy that sampled; its log-probs are fixed before the first update
@@ -656,9 +689,12 @@ def train(model_dir: str | Path, out: str | Path, cfg: GRPOConfig, data_cfg, eng
         upd = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]
                if isinstance(updates[0][k], (int, float)) and k not in ("step", "tokens")}
         lengths = [len(c) for c in seen.completions]
-        record = {"step": step + 1, **rollout_stats(seen.rewards, lengths, seen.truncated, G),
-                  "samples": len(seen), **upd, "optimizer_step": trainer.step,
-                  "train_groups": len(batch) // G, "sample_rounds": rounds, "rollout_seconds": t1 - t0,
+        # Over all ranks: samples and train groups summed, rollout means averaged (equal shares per rank; with
+        # dynamic sampling the ranks' `seen` sizes differ and the average is over ranks, not samples).
+        rollout = D.reduce_metrics({**rollout_stats(seen.rewards, lengths, seen.truncated, G), "samples": len(seen),
+                                    "sample_rounds": rounds})
+        record = {"step": step + 1, **rollout, **upd, "optimizer_step": trainer.step,
+                  "train_groups": int(D.global_count(len(batch) // G)), "rollout_seconds": t1 - t0,
                   "update_seconds": t2 - t1, "elapsed": time.time() - t_start}
         trainer.log(record)
         trainer.extra_state = {"rl_step": step + 1}
@@ -667,14 +703,16 @@ def train(model_dir: str | Path, out: str | Path, cfg: GRPOConfig, data_cfg, eng
             log(f"{stage} step {step + 1}/{steps}: reward {record['reward']:.3f} acc {record['accuracy']:.3f} "
                 f"format {record['format']:.2f} len {record['length']:.0f} zero-var "
                 f"{record['zero_variance_groups']:.2f} | rollout {t1 - t0:.1f}s update {t2 - t1:.1f}s")
-            with open(out / "samples.jsonl", "a") as f:
-                for i in range(0, len(seen), G)[:2]:
+            for i in range(0, len(seen), G)[:2] if D.is_main() else ():  # rank 0's groups
+                with open(out / "samples.jsonl", "a") as f:
                     f.write(json.dumps({"step": step + 1, "question": seen.entries[i]["question"],
                                         "answer": seen.entries[i]["answer"], "completion": seen.texts[i],
                                         "reward": seen.rewards[i].reward}) + "\n")
         if last or (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0):
             trainer.save_checkpoint(stream.state_dict())
-    save(trainer.raw_model, out / "model", extra_files=files)
+    full = D.FullModel(trainer.raw_model)  # whole tensors on every rank; rank 0 writes
+    if D.is_main():
+        save(full, out / "model", extra_files=files)
     return record
 
 
@@ -707,7 +745,9 @@ def run(args) -> int:
     engine_cfg.max_batch = max(engine_cfg.max_batch, cfg.prompts_per_step * cfg.num_generations)
     t0 = time.time()
     last = train(args.model, args.out, cfg, preset.section("data"), engine_cfg, steps=steps, stage=stage,
-                 resume=args.resume)
+                 resume=args.resume, parallel=preset.section("parallel"))
+    if not D.is_main():
+        return 0
     summary = {k: last.get(k) for k in ("step", "reward", "accuracy", "accuracy_lenient", "format", "length")}
     summary["seconds"] = time.time() - t0
     print(json.dumps({"stage": stage, **summary}))
