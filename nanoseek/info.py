@@ -158,6 +158,42 @@ def describe(cfg: ModelConfig, context: int | None = None, bytes_per_value: int 
     }
 
 
+# ---- training estimate ----------------------------------------------------------------------------------------
+GPU_BF16_TFLOPS = {"H100": 989.0, "A100": 312.0}  # dense bf16 peaks (vendor figures)
+
+
+def training_estimate(preset, gpus: int = 1, mfu: float = 0.2) -> dict | None:
+    """Time and memory of the preset's pretraining on `gpus` GPUs: arithmetic, not a measurement.
+
+    Time = train FLOPs (train_flops_per_token with MTP x steps x global batch x grad_accum x seq_len) / (gpus x
+    peak x mfu). Memory per GPU = 16 bytes per parameter (fp32 weight + grad + two AdamW moments), divided by
+    `gpus` under FSDP, plus activations of one micro-batch by Korthikanti et al. 2022 (per layer and token,
+    bf16, flash attention so no s^2 term): 15h bytes for attention and norms + 19h x (ffn width / 4h) for the
+    MLP (the active experts' width in MoE layers), and fp32 logits of the main and MTP heads."""
+    if "pretrain" not in preset.raw:
+        return None
+    cfg, pre, data = preset.model, preset.section("pretrain"), preset.section("data")
+    strategy = preset.section("parallel").strategy if "parallel" in preset.raw else "ddp"
+    tokens = pre.steps * pre.batch_size * pre.grad_accum * data.seq_len
+    flops = train_flops_per_token(cfg, data.seq_len, mtp=cfg.num_nextn_predict_layers > 0) * tokens
+    p = param_counts(cfg)
+    params = p["main"]["total"] + p["mtp"]["total"]
+    states = 16 * params / (gpus if strategy == "fsdp" else 1)
+    micro = max(pre.batch_size // gpus, 1) * data.seq_len  # tokens per micro-batch per GPU
+    h = cfg.hidden_size
+    moe_width = (cfg.num_experts_per_tok + cfg.n_shared_experts) * cfg.moe_intermediate_size
+    per_token = 0.0
+    for i in range(cfg.num_hidden_layers + cfg.num_nextn_predict_layers):
+        width = moe_width if (i >= cfg.num_hidden_layers or cfg.is_moe_layer(i)) else cfg.intermediate_size
+        per_token += 15 * h + 19 * h * width / (4 * h)
+    acts = micro * (per_token + 4 * cfg.vocab_size * (1 + cfg.num_nextn_predict_layers))
+    return {
+        "tokens": tokens, "train_flops": flops, "gpus": gpus, "assumed_mfu": mfu, "strategy": strategy,
+        "hours": {k: flops / (gpus * v * 1e12 * mfu) / 3600 for k, v in GPU_BF16_TFLOPS.items()},
+        "memory_per_gpu_bytes": {"states": states, "activations": acts, "total": states + acts},
+    }
+
+
 # ---- CLI ------------------------------------------------------------------------------------------------------
 def load_model_config(source: str, sets: list[str] | None = None) -> tuple[ModelConfig, str]:
     """A preset name, a .toml path, or a checkpoint directory (config.json) -> ModelConfig."""
@@ -211,13 +247,27 @@ def add_args(parser) -> None:
                         help="keys a token attends over for the FLOPs count (default: min(max_position_embeddings, "
                              "4096))")
     parser.add_argument("--bytes-per-value", type=int, default=2, help="cache element size (2 = bf16)")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs for the training estimate of a preset")
+    parser.add_argument("--mfu", type=float, default=0.2, help="assumed MFU for the training estimate")
 
 
 def run(args) -> int:
     cfg, source = load_model_config(args.source, args.set)
     info = describe(cfg, args.context, args.bytes_per_value)
+    if not Path(args.source).is_dir():
+        est = training_estimate(load_preset(args.source, args.set), args.gpus, args.mfu)
+        if est:
+            info["training_estimate"] = est
     if args.json:
         print(json.dumps({"source": source, **info}))
-    else:
-        print(format_report(info, source))
+        return 0
+    print(format_report(info, source))
+    est = info.get("training_estimate")
+    if est:
+        mem = est["memory_per_gpu_bytes"]
+        hours = ", ".join(f"{v:.2f} h on {est['gpus']} x {k}" for k, v in est["hours"].items())
+        print(f"pretraining estimate ({_human(est['tokens'])} tokens, {est['train_flops']:.3g} FLOP, "
+              f"{est['strategy']}, assumed MFU {est['assumed_mfu']:.0%}): {hours}; memory per GPU "
+              f"{mem['total'] / 2**30:.1f} GiB ({mem['states'] / 2**30:.1f} GiB weights+grads+AdamW, "
+              f"{mem['activations'] / 2**30:.1f} GiB activations); arithmetic, not measured")
     return 0

@@ -128,3 +128,23 @@ def test_cli_checkpoint_dir_and_errors(tmp_path, capsys):
     assert main(["info", "cpu-tiny", "--set", "model.hiden_size=3"]) == 2
     err = capsys.readouterr().err
     assert "hiden_size" in err and "hidden_size" in err
+
+
+def test_training_estimate_is_the_stated_arithmetic():
+    from nanoseek.config import load_preset
+    from nanoseek.info import GPU_BF16_TFLOPS, param_counts, train_flops_per_token, training_estimate
+
+    preset = load_preset("gpu-8")
+    pre, data, cfg = preset.section("pretrain"), preset.section("data"), preset.model
+    est = training_estimate(preset, gpus=8, mfu=0.25)
+    tokens = pre.steps * pre.batch_size * pre.grad_accum * data.seq_len
+    assert est["tokens"] == tokens
+    flops = train_flops_per_token(cfg, data.seq_len, mtp=True) * tokens
+    assert est["hours"]["H100"] == pytest.approx(flops / (8 * GPU_BF16_TFLOPS["H100"] * 1e12 * 0.25) / 3600)
+    p = param_counts(cfg)
+    params = p["main"]["total"] + p["mtp"]["total"]
+    assert est["strategy"] == "fsdp"
+    assert est["memory_per_gpu_bytes"]["states"] == pytest.approx(16 * params / 8)  # FSDP shards the states
+    ddp = training_estimate(load_preset("gpu-8", ["parallel.strategy=ddp"]), gpus=8)
+    assert ddp["memory_per_gpu_bytes"]["states"] == pytest.approx(16 * params)  # DDP replicates them
+    assert training_estimate(load_preset("deepseek-v3")) is None  # no [pretrain]: nothing to estimate
