@@ -3,7 +3,7 @@
 # installed, or pip fetches a multi-GB CUDA build.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-EXTRAS="${1:-}"
+EXTRAS="${1:-}"  # "" or "test"; callers always pass it (a sourced script otherwise sees their "$@")
 if [ ! -x "$ROOT/.venv/bin/python" ]; then
     python3 -m venv "$ROOT/.venv"
 fi
