@@ -284,7 +284,7 @@ def goals(evals: dict[str, dict]) -> list[str]:
     goal("R1-Zero raises held-out pass@1 by ≥ 20 points over the base",
          None if None in (b, z) else (z - b) >= 0.20,
          "missing stage" if None in (b, z) else f"base {100 * b:.1f} → R1-Zero {100 * z:.1f}, "
-         f"{100 * (z - b):+.1f} points")
+         f"{100 * (z - b):+.1f} points" + _overlap(evals, "pretrain", "zero"))
     bk, zk = _passk(evals.get("pretrain")), _passk(evals.get("zero"))
     if bk and zk:
         out.append(f"  - pass@{bk[0]}: base {100 * bk[1]:.1f} → R1-Zero {100 * zk[1]:.1f}. If pass@k rises about as "
@@ -294,7 +294,7 @@ def goals(evals: dict[str, dict]) -> list[str]:
     goal("R1 ≥ R1-Zero on pass@1, with a higher format rate",
          None if None in (r, z, rf, zf) else (r >= z and rf > zf),
          "missing stage" if None in (r, z, rf, zf) else f"pass@1 {100 * z:.1f} → {100 * r:.1f}; "
-         f"format {100 * zf:.1f} → {100 * rf:.1f}")
+         f"format {100 * zf:.1f} → {100 * rf:.1f}" + _overlap(evals, "zero", "rl"))
     s, srl = p("distill"), p("student_rl")
     goal("the distilled student reaches ≥ 90% of the teacher's pass@1",
          None if None in (s, r) else (r > 0 and s >= 0.9 * r),
@@ -302,8 +302,19 @@ def goals(evals: dict[str, dict]) -> list[str]:
          + (f" = {100 * s / r:.0f}%" if r else ""))
     goal("the distilled student beats the same student trained by RL alone",
          None if None in (s, srl) else s > srl,
-         "missing stage" if None in (s, srl) else f"distilled {100 * s:.1f} vs RL-only {100 * srl:.1f}")
+         "missing stage" if None in (s, srl) else f"distilled {100 * s:.1f} vs RL-only {100 * srl:.1f}"
+         + _overlap(evals, "distill", "student_rl"))
     return out
+
+
+def _overlap(evals: dict, a: str, b: str) -> str:
+    """A warning when two stages' 95% pass@1 intervals overlap: then the comparison is within the noise."""
+    ma = ((evals.get(a) or {}).get("splits", {}).get("test", {}).get("all") or {}).get("pass@1")
+    mb = ((evals.get(b) or {}).get("splits", {}).get("test", {}).get("all") or {}).get("pass@1")
+    if not ma or not mb:
+        return ""
+    return "; the 95% intervals overlap, so this is within the noise" if ma["lo"] <= mb["hi"] and mb["lo"] <= ma["hi"] \
+        else ""
 
 
 def _passk(result: dict | None) -> tuple[int, float] | None:
