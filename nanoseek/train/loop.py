@@ -206,15 +206,9 @@ def complete_checkpoints(out_dir: str | Path) -> list[Path]:
 
 def read_metrics(out_dir: str | Path) -> list[dict]:
     """The per-step records of metrics.jsonl (a torn last line from a crash is skipped)."""
-    path = Path(out_dir) / "metrics.jsonl"
-    out = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out
+    from nanoseek.report import read_jsonl
+
+    return read_jsonl(Path(out_dir) / "metrics.jsonl")
 
 
 class Trainer:
