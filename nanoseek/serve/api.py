@@ -248,6 +248,19 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def _chunker(rid: str, obj: str, created: int, model: str, include_usage: bool):
+    """One response's SSE chunk writer: the same id, object, created and model on every chunk; `usage` only when
+    the client asked for it (stream_options.include_usage)."""
+
+    def chunk(choices, usage=None) -> str:
+        c = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
+        if include_usage:
+            c["usage"] = usage
+        return _sse(c)
+
+    return chunk
+
+
 class EngineStreamingResponse(StreamingResponse):
     """SSE that notices a client leaving even while no token is being sent, and always closes its Handle (which
     aborts the request and frees its cache slots) however the response ends."""
@@ -390,12 +403,7 @@ def create_app(engine, tokenizer, served_model_name: str = "nanoseek", api_key: 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-            def chunk(choices, usage=None) -> str:
-                c = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                     "choices": choices}
-                if include_usage:
-                    c["usage"] = usage
-                return _sse(c)
+            chunk = _chunker(rid, "chat.completion.chunk", created, model_name, include_usage)
 
             async def events():
                 parsers = [ReasoningStream() for _ in range(n)]
@@ -470,12 +478,7 @@ def create_app(engine, tokenizer, served_model_name: str = "nanoseek", api_key: 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-            def chunk(choices, usage=None) -> str:
-                c = {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                     "choices": choices}
-                if include_usage:
-                    c["usage"] = usage
-                return _sse(c)
+            chunk = _chunker(rid, "text_completion", created, model_name, include_usage)
 
             async def events():
                 started = set()
