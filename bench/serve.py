@@ -38,11 +38,9 @@ import asyncio
 import json
 import os
 import random
-import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -53,12 +51,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -122,32 +114,6 @@ def make_requests(data_cfg, n: int, seed: int) -> list[list[dict]]:
 
 
 # ---- nanoseek: the server and a streaming client ----
-
-
-class LiveServer:
-    """uvicorn serving `app` in a thread on 127.0.0.1 (loopback only)."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    timeout_graceful_shutdown=2))
-        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 60
-        while not self.server.started:
-            if time.time() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start within 60 s")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 async def stream_one(client, url: str, body: dict, timeout: float) -> dict:
@@ -250,7 +216,7 @@ def server_ttft(url: str) -> tuple[float, float]:
 
 def bench_nanoseek(model, tok, chats, args) -> dict:
     from nanoseek.infer.engine import Engine, EngineConfig
-    from nanoseek.serve.api import create_app
+    from nanoseek.serve.api import ThreadedServer, create_app
 
     max_len = min(model.config.max_position_embeddings,
                   max(len(tok.encode_chat(c)) for c in chats) + args.max_tokens + 8)
@@ -263,7 +229,7 @@ def bench_nanoseek(model, tok, chats, args) -> dict:
                 "temperature": args.temperature, "top_p": 1.0, "seed": args.seed * 1_000_003 + i, "stream": True,
                 "stream_options": {"include_usage": True}}
 
-    with LiveServer(app) as srv:
+    with ThreadedServer(app) as srv:
         log(f"server on {srv.url}; engine max_batch {args.concurrency}, max_model_len {max_len}, {args.dtype}")
         warm = [body(c, i, 8) for i, c in enumerate(chats[: min(4, len(chats))])]
         bodies = [body(c, i, args.max_tokens) for i, c in enumerate(chats)]

@@ -10,44 +10,12 @@ import json
 import os
 import select
 import shutil
-import socket
 import subprocess
 import tempfile
-import threading
 import time
 
-import uvicorn
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    """uvicorn serving `app` in a thread on 127.0.0.1 (loopback only)."""
-
-    def __init__(self, app):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    timeout_graceful_shutdown=2))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            if time.time() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(10)
-
+from nanoseek.serve.api import ThreadedServer as LiveServer  # noqa: F401  (the tests import it from here)
+from nanoseek.serve.api import free_port  # noqa: F401
 
 # ---- headless Chromium over the DevTools protocol ----
 

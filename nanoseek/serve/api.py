@@ -17,6 +17,7 @@ import hmac
 import json
 import logging
 import re
+import socket
 import threading
 import time
 import uuid
@@ -555,6 +556,41 @@ def load_engine(model_dir: str, max_batch: int = 32, max_model_len: int | None =
         max_model_len = min(EngineConfig.max_model_len, model.config.max_position_embeddings)
     cfg = EngineConfig(max_batch=max_batch, max_model_len=max_model_len, threads=threads)
     return Engine(model, tokenizer, cfg), tokenizer
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` right now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class ThreadedServer:
+    """`with ThreadedServer(app) as srv:` serves `app` with uvicorn in a daemon thread on 127.0.0.1 (loopback only) at
+    `srv.url`; for benchmarks, tests and notebooks that talk to a live server from the same process."""
+
+    def __init__(self, app, start_timeout: float = 60.0):
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.start_timeout = start_timeout
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + self.start_timeout
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"uvicorn did not start within {self.start_timeout:.0f} s (see its log above)")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
 
 
 def run(args) -> int:
