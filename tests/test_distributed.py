@@ -142,9 +142,9 @@ def synthetic_rollout(groups: range):
     return Rollout(**cols)
 
 
-def grpo_step(rank, world, loss_type):
-    """One optimizer step of nanoseek's GRPO loss through the shared Trainer, this rank holding GROUPS/world whole
-    groups. Returns the step's loss and the updated main-model weights."""
+def grpo_step(rank, world, loss_type, strategy="ddp"):
+    """One optimizer step of nanoseek's GRPO loss through the shared Trainer (DDP or FSDP2 across the ranks), this
+    rank holding GROUPS/world whole groups. Returns the step's loss and the updated main-model weights (whole)."""
     from nanoseek.train.grpo import GRPOConfig, fill_logprobs, group_advantages, grpo_loss_fn, make_micro_batches
     from nanoseek.train.loop import LoopConfig
 
@@ -168,29 +168,34 @@ def grpo_step(rank, world, loss_type):
         pos = torch.arange(mb.ids.shape[1] - 1)
         mb.old_logp = mb.old_logp + 0.3 * torch.sin(1.7 * mb.ids[:, 1:].float() + pos)
     with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(model, loop, out, grpo_loss_fn(cfg), parallel=D.ParallelConfig(strategy="ddp"))
+        trainer = Trainer(model, loop, out, grpo_loss_fn(cfg), parallel=D.ParallelConfig(strategy=strategy))
+        assert D.is_sharded(model) == (strategy == "fsdp" and world > 1)
         record = trainer.train_step(mbs)
     mtp_untouched = all(p.grad is None for p in model.mtp.parameters())
     return {"loss": record["loss"] if "loss" in record else record["policy_loss"], "mtp_untouched": mtp_untouched,
-            "weights": {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("mtp")}}
+            "weights": {k: v for k, v in D.full_state_dict(model).items() if not k.startswith("mtp")}}
 
 
-def grpo_steps(rank, world, loss_types):
-    return {t: grpo_step(rank, world, t) for t in loss_types}
+def grpo_steps(rank, world, cases):
+    return {(s, t): grpo_step(rank, world, t, s) for s, t in cases}
 
 
 LOSS_TYPES = ("grpo", "dapo")  # per-sequence mean; token-level over the whole batch (needs the global count)
+GRPO_CASES = [(s, t) for s in ("ddp", "fsdp") for t in LOSS_TYPES]
 
 
 @pytest.fixture(scope="module")
 def grpo_two_ranks():
-    return on_ranks(grpo_steps, 2, LOSS_TYPES)  # one spawn for both loss types
+    return on_ranks(grpo_steps, 2, GRPO_CASES)  # one spawn for every case
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_grpo_step_two_ranks_like_one(loss_type, grpo_two_ranks):
+@pytest.mark.parametrize("strategy,loss_type", GRPO_CASES)
+def test_grpo_step_two_ranks_like_one(strategy, loss_type, grpo_two_ranks):
     one = grpo_step(0, 1, loss_type)
-    two = [r[loss_type] for r in grpo_two_ranks]
+    two = [r[(strategy, loss_type)] for r in grpo_two_ranks]
+    dw = max((two[0]["weights"][k] - w).abs().max().item() for k, w in one["weights"].items())
+    print(f"grpo step {strategy}/{loss_type}: |loss 2 ranks - 1 rank| {abs(two[0]['loss'] - one['loss']):.2e}, "
+          f"max |weight 2 ranks - 1 rank| {dw:.2e}")
     assert abs(two[0]["loss"] - one["loss"]) <= TOL, (two[0]["loss"], one["loss"])
     assert abs(one["loss"]) > 1e-4  # a real loss, not a trivially equal zero
     assert one["mtp_untouched"] and two[0]["mtp_untouched"]
@@ -420,3 +425,70 @@ def test_torchrun_rl_zero_two_ranks(smoke_base, tmp_path):
     bad[bad.index(str(out))] = str(tmp_path / "bad")
     r = subprocess.run(bad, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "does not split over 2 ranks" in r.stderr, r.stderr[-3000:]
+
+
+# ---- `nanoseek rl` under FSDP2: every rank's engine samples from the whole, freshly updated weights ----------------
+def varied_rewards(texts, entries, score, lengths, **_):
+    """Stands in for the rule rewards, which a random model never earns (all-zero groups: no update, so stale
+    rollout weights would go unnoticed): the share of digits in the completion, which differs inside a group."""
+    from nanoseek.train.rewards import Reward
+
+    out = []
+    for text in texts:
+        r = sum(ch.isdigit() for ch in text) / max(len(text), 1)
+        out.append(Reward(reward=r, accuracy=0.0, lenient=0.0, format=0.0, overlong=0.0, answer=None))
+    return out
+
+
+def rl_runs(rank, world, model_dir, root):
+    """grpo.train (the loop `nanoseek rl` runs) twice on the same ranks, with DDP then FSDP2: same seeds, so the
+    same rollouts if and only if each FSDP rank's engine sees the same (updated) weights as DDP's."""
+    from nanoseek.infer.engine import EngineConfig
+    from nanoseek.train import grpo
+    from nanoseek.train import rewards as R
+
+    torch.set_num_threads(1)
+    R.rewards = varied_rewards  # this spawned process only
+    preset = load_preset("smoke", SFT_DATA)
+    for strategy in ("ddp", "fsdp"):
+        cfg = grpo.GRPOConfig(loss_type="grpo", num_generations=4, prompts_per_step=4, max_completion_length=8,
+                              beta=0.04, dynamic_sampling=False, lr=3e-3, dtype="fp32", steps=RL_STEPS, ckpt_every=0,
+                              log_every=1)
+        grpo.train(model_dir, root / strategy, cfg, preset.section("data"),
+                   EngineConfig(max_batch=16, max_model_len=256), stage="rl", log=lambda s: None,
+                   parallel=D.ParallelConfig(strategy=strategy))
+
+
+RL_STEPS = 2
+
+
+def test_rl_fsdp_rollouts_see_updated_weights_and_match_ddp(smoke_base, tmp_path):
+    import nanoseek
+
+    on_ranks(rl_runs, 2, smoke_base[0], tmp_path)
+    ddp, fsdp = read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "fsdp")
+    assert [r["step"] for r in fsdp] == [r["step"] for r in ddp] == list(range(1, RL_STEPS + 1))
+    for a, b in zip(ddp, fsdp):
+        print(f"rl step {a['step']}: ddp vs fsdp |policy_loss| diff {abs(a['policy_loss'] - b['policy_loss']):.2e}, "
+              f"kl {b['kl']:.2e}, sampler_logp_diff {b['sampler_logp_diff']:.2e}, reward {b['reward']:.4f}")
+        # The same completions (rewards, lengths) and the same losses: the FSDP engines sampled what DDP's did.
+        for k in ("reward", "reward_std", "length", "zero_variance_groups", "samples"):
+            assert a[k] == b[k], (a["step"], k, a[k], b[k])
+        for k in ("policy_loss", "kl", "entropy", "grad_norm"):
+            assert abs(a[k] - b[k]) <= TOL, (a["step"], k, a[k], b[k])
+        assert b["zero_variance_groups"] < 1 and b["grad_norm"] > 0  # a real update, not all-flat groups
+    # Step 2 sampled from the step-1 update: the engine's log-probs match the trainer's (which reads the live
+    # shards), while the policy has moved measurably away from the initial weights (the KL to the reference).
+    last = fsdp[-1]
+    assert last["sampler_logp_diff"] < 1e-4 and last["kl"] > 100 * last["sampler_logp_diff"], last
+    # Written once (rank 0, the last step), whole: the checkpoint and the final model load on one process.
+    ckpts = complete_checkpoints(tmp_path / "fsdp")
+    assert [p.name for p in ckpts] == [f"step_{RL_STEPS:06d}"]
+    assert not [p for p in (tmp_path / "fsdp" / "checkpoints").iterdir() if p.name.startswith(".")]
+    final, ckpt = nanoseek.load(tmp_path / "fsdp" / "model"), nanoseek.load(ckpts[-1])
+    want = nanoseek.load(tmp_path / "ddp" / "model").state_dict()
+    start = nanoseek.load(smoke_base[0]).state_dict()
+    for k, v in final.state_dict().items():
+        assert torch.equal(v, ckpt.state_dict()[k]), k
+        assert torch.allclose(v, want[k], atol=1e-5), k
+    assert not torch.equal(final.state_dict()["lm_head.weight"], start["lm_head.weight"])  # it trained

@@ -175,8 +175,12 @@ def apply_fsdp(model: torch.nn.Module, cfg: ParallelConfig | None = None) -> tor
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     cfg = cfg or ParallelConfig()
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cfg.fsdp_param_dtype == "bf16" else None,
-                              reduce_dtype=torch.float32)
+    bf16 = cfg.fsdp_param_dtype == "bf16"
+    # Gradients are reduced in fp32. With fp32 weights they already are: reduce_dtype stays None, which also keeps
+    # torch 2.13 off a path that fails for a unit that never ran forward (RL and SFT skip the MTP block) when a
+    # micro-batch skips the gradient sync (FSDPParam.to_accumulated_grad_if_needed reads the never-gathered param).
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                              reduce_dtype=torch.float32 if bf16 else None)
     # Every unit reshards after forward, the root too: a forward without backward (val loss, log-probs) must leave
     # the parameters sharded, as the optimizer and checkpoints know them (torchtitan keeps the root gathered to
     # save one all-gather; that would leave unsharded parameters behind after an eval forward).
@@ -365,6 +369,22 @@ class FullModel:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self._state
+
+
+@torch.no_grad()
+def copy_full_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    """Copy `src`'s parameters and buffers into the plain (unsharded) twin `dst`, IN PLACE, gathering each tensor
+    whole if FSDP2 shards it. A collective under FSDP2: every rank calls it, at the same point.
+
+    What GRPO does before each rollout phase when training shards the policy: a rank's inference engine needs the
+    whole weights. One tensor is gathered at a time (peak memory: the twin plus one whole tensor, not a second
+    model), and the twin's tensors stay the same objects, so an engine built on it sees their version counters move
+    and re-derives its cached (folded) weights (nanoseek/infer/runner.py `sync`)."""
+    from torch.distributed.tensor import DTensor
+
+    own = dst.state_dict(keep_vars=True)  # name -> the twin's own Parameter / buffer
+    for name, t in unwrap(src).state_dict().items():
+        own[name].copy_(t.full_tensor() if isinstance(t, DTensor) else t)
 
 
 def load_full_state(model: torch.nn.Module, state: dict[str, torch.Tensor], strict: bool = False):

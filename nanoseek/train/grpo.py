@@ -23,6 +23,7 @@ scale "group" uses the group's std, "batch" the whole batch's std, "none" no div
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -38,9 +39,10 @@ from nanoseek.config import ConfigError
 from nanoseek.train import distributed as D
 from nanoseek.train.rewards import Reward
 
-# Runs under torchrun with DDP: every rank draws the same prompts and keeps its share of whole groups (so each
-# group's advantages are computed over the whole group), samples them with its own engine, and the updates are
-# averaged; rank 0 writes the logs and the model (docs/scaling.md).
+# Runs under torchrun with DDP or FSDP2: every rank draws the same prompts and keeps its share of whole groups (so
+# each group's advantages are computed over the whole group), samples them with its own engine, and the updates are
+# averaged; rank 0 writes the logs and the model (docs/scaling.md). Under FSDP2 the engine reads an unsharded twin
+# of the policy that the ranks refill with the gathered weights before every rollout phase.
 DISTRIBUTED = True
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
@@ -616,8 +618,8 @@ def train_questions(data_cfg, task_names: list[str]) -> list[dict]:
 def train(model_dir: str | Path, out: str | Path, cfg: GRPOConfig, data_cfg, engine_cfg=None, *,
           steps: int | None = None, stage: str = "rl", resume: bool = False, log=None, parallel=None) -> dict:
     """GRPO from the checkpoint in `model_dir`; writes `out` (see the block comment above). Returns the last
-    metrics record. `parallel`: the [parallel] section under torchrun (DDP only: every rank's rollout engine
-    needs the whole weights)."""
+    metrics record. `parallel`: the [parallel] section under torchrun (DDP, or FSDP2: then every rank's rollout
+    engine reads a whole-weight twin of the policy, refilled from the shards before each rollout phase)."""
     import nanoseek
     from nanoseek.checkpoint import save
     from nanoseek.infer.engine import Engine
@@ -625,9 +627,6 @@ def train(model_dir: str | Path, out: str | Path, cfg: GRPOConfig, data_cfg, eng
     from nanoseek.train.loop import LoopConfig, Trainer
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True) if D.is_main() else None)
-    if D.world_size() > 1 and parallel is not None and parallel.strategy == "fsdp":
-        raise ConfigError("rl under torchrun: parallel.strategy = 'fsdp' shards the weights, but each rank's rollout "
-                          "engine needs them whole; use --set parallel.strategy=ddp")
     out = Path(out)
     steps = steps or cfg.steps
     tok = load_tokenizer(model_dir)
@@ -635,6 +634,10 @@ def train(model_dir: str | Path, out: str | Path, cfg: GRPOConfig, data_cfg, eng
     stream = PromptStream(train_questions(data_cfg, cfg.tasks), cfg.seed)
     torch.manual_seed(cfg.seed)
     policy = nanoseek.load(model_dir)  # MTP modules ride along untrained (RL trains the main model only)
+    # FSDP2 shards the policy in place, but the engine needs whole weights: it gets a frozen unsharded twin (one
+    # buffer model for the whole run, no grads), refilled in place before each rollout phase.
+    twin = copy.deepcopy(policy).requires_grad_(False).eval() \
+        if D.world_size() > 1 and parallel is not None and parallel.strategy == "fsdp" else None
     loop_cfg = LoopConfig(steps=steps * cfg.mu, lr=cfg.lr, min_lr_ratio=1.0, warmup_steps=cfg.warmup_steps,
                           schedule="constant", weight_decay=cfg.weight_decay, beta1=0.9, beta2=0.99,
                           grad_clip=cfg.grad_clip, dtype=cfg.dtype, seed=cfg.seed, eval_every=0, ckpt_every=0,
@@ -655,16 +658,21 @@ def train(model_dir: str | Path, out: str | Path, cfg: GRPOConfig, data_cfg, eng
             if D.is_main():
                 (out / name).unlink(missing_ok=True)
     ref = None
-    if cfg.beta > 0:  # the frozen reference is the input model (also after a resume)
+    # The frozen reference is the input model (also after a resume). Under FSDP2 it stays a plain unsharded copy:
+    # it never changes (nothing to gather), and its forwards stay local to each rank, no collectives.
+    if cfg.beta > 0:
         ref = nanoseek.load(model_dir, mtp=False).to(trainer.device)
         ref.requires_grad_(False)
-    engine = Engine(trainer.raw_model, tok, engine_cfg) if engine_cfg is not None else Engine(trainer.raw_model, tok)
+    rollout_model = trainer.raw_model if twin is None else twin.to(trainer.device)
+    engine = Engine(rollout_model, tok, engine_cfg) if engine_cfg is not None else Engine(rollout_model, tok)
     G = cfg.num_generations
     record: dict = {}
     t_start = time.time()
     for step in range(done, steps):
         t0 = time.perf_counter()
         trainer.raw_model.eval()
+        if twin is not None:  # the weights of the last update (or of the resumed checkpoint), whole on every rank
+            D.copy_full_weights(trainer.raw_model, twin)
         with torch.no_grad():
             batch, seen, rounds = collect_rollout(engine, tok, stream, cfg, step)
         t1 = time.perf_counter()
