@@ -1,12 +1,23 @@
 """The decode step of the engine: T new tokens per running sequence over the latent cache, written for speed.
 
 The model's own cached forward (model/transformer.py) is the reference; this is the same math in fewer ops and
-without host synchronisation (at the sizes we run on a CPU a decode step costs its op count, not its FLOPs;
-torch.compile of this step measured slower than eager here, 22 vs 12 ms a step on a loaded machine):
+without host synchronisation. At the sizes we run on a CPU a decode step costs its op count (1-3 us of dispatch
+each), not its FLOPs, so every trick here removes ops:
 - absorbed MLA (DeepSeek-V2 §2.1, "W_UK can be absorbed into W_UQ, and W_UV into W_O"): the query weights are
   folded with W_UK (and the softmax scale), the output projection with W_UV, and the two score terms become ONE
   matmul over the cached row [c_kv ‖ k_pe]: (W_UK^T q_nope ‖ q_pe) · (c_kv ‖ k_pe) = q_nope·k_nope + q_pe·k_pe;
   the query down-projection and kv_a_proj_with_mqa (both read the block input) are one matmul;
+- RoPE as one matmul per step shape: a block matrix diag(I_r, R[pos]) [r+dr, r+dr] rotates the rope part of every
+  head's [latent query ‖ rope query] and of the new cache row [c_kv ‖ k_pe] while passing the latent part through
+  exactly (x·1 + Σ y·0 = x), so the query is used as it comes out of its projection, without splits and concats;
+- RMSNorm weights folded into the next matmul (input_layernorm into the fused input projection,
+  post_attention_layernorm into the router and experts, the final norms into the heads), and the norm factor
+  rsqrt(mean(x²) + eps) as a matmul with a [d, 1] column of 1/d; the q_a and kv_a norms of one row are ONE grouped
+  norm (a [width, groups] averaging matrix and a [groups, width] matrix that spreads the factors, with the norm
+  weights in it); F.rms_norm on CPU is a composite of ~8 dispatched ops;
+- the cache pool is read as a view when the batch's slots are one contiguous range (the engine's usual case), else
+  gathered with one index_select; new rows are written with one index_copy_ per layer into a flat view of the pool;
+  no causal mask when every row attends to the whole of its cache (T = 1, equal lengths);
 - MoE for the few tokens of a decode step without the sort/count dispatch: run every expert as two matmuls with a
   zero gate for the unchosen ones (the same weighted sum the model computes), or, when experts far outnumber the
   routed tokens (8 x tokens x top-k <= experts), gather only the chosen experts' weights (the model's sorted
@@ -14,8 +25,8 @@ torch.compile of this step measured slower than eager here, 22 vs 12 ms a step o
 - no MoE load statistics are counted: generating must not move the balance bias (V3 eq. 16) of a model in training.
 The folded weights are derived from the live parameters and re-derived whenever those change (an optimizer step
 bumps their version counters), so one engine serves a model that RL keeps training. In `dtype` bf16 they are
-bf16 copies. Prefill runs the model itself (expanded MLA). tests/test_engine.py checks both against the full
-forward.
+bf16 copies. Prefill runs the model itself (expanded MLA). tests/test_engine.py and tests/test_fast_paths.py check
+the decode step against the full forward.
 """
 
 from __future__ import annotations
@@ -37,6 +48,10 @@ class Runner:
         self._watched = list(model.parameters()) + list(model.buffers())
         self._versions = None
         self.w: dict = {}
+        # per layer, the pool as rows [slots * max_len, r + dr]: one index_copy_ writes a step's new latents
+        self._flat = [cache.buf[i].view(-1, cache.buf.shape[-1]) for i in range(cache.n_layers)]
+        self._arange = torch.arange(cache.max_len)
+        self._tiny = torch.tensor(1e-20)  # tensors, not Python floats: a Python scalar costs one more dispatch
 
     # ---- derived weights -----------------------------------------------------------------------------------
     def sync(self) -> None:
@@ -48,24 +63,30 @@ class Runner:
             self._versions = versions
 
     def _derive(self) -> dict:
-        m, dt = self.model, self.dtype
+        m, dt, cfg = self.model, self.dtype, self.cfg
+        d = cfg.hidden_size
 
         def c(t):
             return t.detach().to(dt).contiguous()
 
         blocks = list(m.model.layers) + [mod.block for mod in m.mtp]
-        w = dict(embed=c(m.model.embed_tokens.weight), norm=c(m.model.norm.weight), head=c(m.lm_head.weight),
-                 blocks=[self._derive_block(b, c) for b in blocks], rope=c(self._rope_matrices()))
+        head = m.lm_head.weight.detach().float()
+        w = dict(embed=c(m.model.embed_tokens.weight), head=c(head * m.model.norm.weight.float()),
+                 norm=c(m.model.norm.weight),
+                 eps=torch.tensor([cfg.rms_norm_eps], dtype=dt), mean_col=torch.full((d, 1), 1.0 / d, dtype=dt),
+                 blocks=[self._derive_block(b, c) for b in blocks], rope=self._rope_matrices())
         if len(m.mtp):
             mod = m.mtp[0]
-            w["mtp"] = dict(enorm=c(mod.enorm.weight), hnorm=c(mod.hnorm.weight), eh=c(mod.eh_proj.weight),
-                            norm=c(mod.norm.weight))
+            # enorm(emb) ‖ hnorm(h_prev) as one grouped norm over [emb ‖ h_prev]; the norm weights go in the
+            # spreading matrix, the MTP module's final norm into its copy of the shared head
+            G, eps, GT = _group_norm_mats([(d, mod.enorm.weight, mod.enorm.eps), (d, mod.hnorm.weight, mod.hnorm.eps)])
+            w["mtp"] = dict(G=c(G), eps=c(eps), GT=c(GT), eh=c(mod.eh_proj.weight),
+                            head=c(head * mod.norm.weight.float()), norm_eps=torch.tensor([mod.norm.eps], dtype=dt))
         return w
 
     def _rope_matrices(self) -> torch.Tensor:
-        """RoPE of every cache position as a [dr, dr] matrix, [max_len, dr, dr]: x @ R[pos] equals
-        model.rope.apply_rope (its pairing, its [first halves, second halves] output layout, YaRN's scale), so a
-        decode step rotates the H query heads and the shared key in one matmul."""
+        """RoPE of every cache position as a [dr, dr] matrix, [max_len, dr, dr] (fp32): x @ R[pos] equals
+        model.rope.apply_rope (its pairing, its [first halves, second halves] output layout, YaRN's scale)."""
         m, dr = self.model, self.cfg.qk_rope_head_dim
         cos, sin = rope_cos_sin(m.inv_freq, m.rope_scale, torch.arange(self.cache.max_len)[None])  # [1, P, dr/2]
         cos, sin = cos[0], sin[0]
@@ -80,25 +101,33 @@ class Runner:
     def _derive_block(self, blk, c) -> dict:
         mla, cfg = blk.self_attn, self.cfg
         H, dn, dr, dv, r = mla.n_heads, mla.dn, mla.dr, mla.dv, mla.r
+        ln1 = blk.input_layernorm.weight.float()
+        ln2 = blk.post_attention_layernorm.weight.float()
         kvb = mla.kv_b_proj.weight.float().view(H, dn + dv, r)
         w_uk, w_uv = kvb[:, :dn], kvb[:, dn:]  # [H, dn, r], [H, dv, r]
         qb = (mla.q_proj if cfg.q_lora_rank is None else mla.q_b_proj).weight.float()
         qb = qb.view(H, dn + dr, qb.shape[-1])
         q_lat = torch.einsum("hdr,hdc->hrc", w_uk, qb[:, :dn])  # W_UK^T W_UQ: [H, r, q_in]
-        # rows: every head's latent query, then every head's rope query; the softmax scale folded in
-        w_q = torch.cat([q_lat.reshape(H * r, -1), qb[:, dn:].reshape(H * dr, -1)]) * mla.scale
+        # rows per head [latent query (r) ‖ rope query (dr)], the row layout of a cache row; softmax scale folded in
+        w_q = torch.cat([q_lat, qb[:, dn:]], dim=1).reshape(H * (r + dr), -1) * mla.scale
         kva = mla.kv_a_proj_with_mqa.weight.float()
         o = mla.o_proj.weight.float()
         w_o = torch.einsum("dhv,hvr->dhr", o.view(o.shape[0], H, dv), w_uv).reshape(o.shape[0], H * r)  # W_O W_UV
-        b = dict(ln1=c(blk.input_layernorm.weight), ln2=c(blk.post_attention_layernorm.weight), w_o=c(w_o),
-                 kv_norm=c(mla.kv_a_layernorm.weight), eps=blk.input_layernorm.eps, kv_eps=mla.kv_a_layernorm.eps)
+        kv_norm = (r, mla.kv_a_layernorm.weight, mla.kv_a_layernorm.eps)
+        b = dict(w_o=c(w_o), eps=torch.tensor([blk.input_layernorm.eps], dtype=self.dtype),
+                 eps2=torch.tensor([blk.post_attention_layernorm.eps], dtype=self.dtype))
         if cfg.q_lora_rank is None:  # one matmul gives the query and the kv latent
-            b["w_in"], b["w_q"] = c(torch.cat([w_q, kva])), None
+            w_in, q_rows = torch.cat([w_q * ln1, kva * ln1]), H * (r + dr)
+            segs = [(q_rows, None, 0.0), kv_norm, (dr, None, 0.0)]
+            b["w_q"] = None
         else:
-            b["w_in"], b["w_q"] = c(torch.cat([mla.q_a_proj.weight.float(), kva])), c(w_q)
-            b["q_norm"], b["q_eps"] = c(mla.q_a_layernorm.weight), mla.q_a_layernorm.eps
+            w_in, q_rows = torch.cat([mla.q_a_proj.weight.float() * ln1, kva * ln1]), cfg.q_lora_rank
+            segs = [(q_rows, mla.q_a_layernorm.weight, mla.q_a_layernorm.eps), kv_norm, (dr, None, 0.0)]
+            b["w_q"] = c(w_q)
+        b["w_in"], b["q_rows"] = c(w_in), q_rows
+        b["G"], b["G_eps"], b["GT"] = (c(t) for t in _group_norm_mats(segs))
         if cfg.attention_bias:  # q_a_proj, kv_a_proj_with_mqa and o_proj carry biases (q_proj never does)
-            q_bias = torch.zeros(w_q.shape[0]) if cfg.q_lora_rank is None else mla.q_a_proj.bias
+            q_bias = torch.zeros(q_rows) if cfg.q_lora_rank is None else mla.q_a_proj.bias
             b["b_in"] = c(torch.cat([q_bias, mla.kv_a_proj_with_mqa.bias]))
             b["b_o"] = c(mla.o_proj.bias)
         mlp = blk.mlp
@@ -106,19 +135,23 @@ class Runner:
             ex = mlp.experts
             E, h, d = ex.gate_proj.shape
             b["moe"] = mlp
-            b["router"] = mlp.gate.weight.detach().float()  # fp32 like the model's router; live in fp32
-            b["router_bias"] = mlp.gate.e_score_correction_bias
-            b["gate_up"] = c(torch.cat([ex.gate_proj, ex.up_proj], dim=1))  # [E, 2h, d]
-            b["down"] = c(ex.down_proj)  # [E, d, h]
+            b["router"] = mlp.gate.weight.detach().float() * ln2  # fp32 like the model's router
+            b["router_bias"] = mlp.gate.e_score_correction_bias.detach().float()
+            gate_up = torch.cat([ex.gate_proj, ex.up_proj], dim=1).float() * ln2  # [E, 2h, d]
+            b["gate_up"] = c(gate_up)
+            # routed_scaling_factor (V3 eq. 12's gates are scaled) goes into the routed experts' down projections
+            down_r = ex.down_proj.float() * cfg.routed_scaling_factor
+            b["down"] = c(down_r)  # [E, d, h]
             # All-expert form: the shared experts' SwiGLU splits by hidden unit into n_shared extra experts of width
             # h with gate 1, so routed + shared run as two matmuls: [E', 2h, d] and [d, E' h], E' = E + n_shared.
-            gu, down = [b["gate_up"]], [ex.down_proj]
+            gu, down = [gate_up], [down_r]
             sh = mlp.shared_experts
             n_sh = 0 if sh is None else sh.gate_proj.weight.shape[0] // h
             if n_sh:
-                gu.append(c(torch.cat([sh.gate_proj.weight.view(n_sh, h, d), sh.up_proj.weight.view(n_sh, h, d)], 1)))
-                down.append(sh.down_proj.weight.view(d, n_sh, h).transpose(0, 1))  # [n_sh, d, h]
-                b["shared"] = (c(torch.cat([sh.gate_proj.weight, sh.up_proj.weight])), c(sh.down_proj.weight))
+                sg, su = sh.gate_proj.weight.float() * ln2, sh.up_proj.weight.float() * ln2
+                gu.append(torch.cat([sg.view(n_sh, h, d), su.view(n_sh, h, d)], 1))
+                down.append(sh.down_proj.weight.float().view(d, n_sh, h).transpose(0, 1))  # [n_sh, d, h]
+                b["shared"] = (c(torch.cat([sg, su])), c(sh.down_proj.weight))
             else:
                 b["shared"] = None
             b["all_gate_up"] = c(torch.cat(gu).view(-1, d))  # [E' 2h, d]
@@ -126,7 +159,8 @@ class Runner:
             b["gate_row"] = torch.cat([torch.zeros(E), torch.ones(n_sh)]).to(self.dtype)[None]  # [1, E']
         else:
             b["moe"] = None
-            b["mlp"] = (c(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])), c(mlp.down_proj.weight))
+            b["mlp"] = (c(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).float() * ln2),
+                        c(mlp.down_proj.weight))
         return b
 
     # ---- entry points ----------------------------------------------------------------------------------------
@@ -153,63 +187,76 @@ class Runner:
 
     # ---- implementation ------------------------------------------------------------------------------------
     def _step_context(self, slots, start_pos, T: int, S: int) -> dict:
-        """What every layer of one step shares: positions, rope matrices, the causal mask over the cache."""
-        pos = start_pos[:, None] + torch.arange(T)  # [B, T]
-        allowed = torch.arange(S)[None, None, :] <= pos[:, :, None]  # [B, T, S]: causal over each row's cache
-        mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, float("-inf"))
-        return dict(pos=pos, rope=self.w["rope"][pos], mask=mask[:, :, None], rows=slots[:, None], slots=slots, S=S)
+        """What every layer of one step shares: positions, the rope block matrix, the causal mask (if any), where
+        the new rows go and where the batch's cache rows are."""
+        sl, sp = slots.tolist(), start_pos.tolist()
+        B, cfg = len(sl), self.cfg
+        r, dr = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        pos = start_pos[:, None] + self._arange[:T]  # [B, T]
+        M = torch.zeros(B, T, r + dr, r + dr, dtype=self.dtype)  # diag(I_r, R[pos]): [B, T, r+dr, r+dr]
+        M.diagonal(dim1=-2, dim2=-1)[..., :r] = 1
+        M[..., r:, r:] = self.w["rope"][pos]
+        mask = None
+        if T > 1 or any(p + 1 != S for p in sp):  # some row must not see some of the S cached positions
+            allowed = self._arange[:S] <= pos[:, :, None]  # [B, T, S]
+            mask = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))[:, :, None]  # [B, T, 1, S]
+        s0 = sl[0]
+        contiguous = sl == list(range(s0, s0 + B))
+        return dict(M=M, mask=mask, S=S, B=B, T=T, slots=slots, rows=(s0, s0 + B) if contiguous else None,
+                    flat=(slots[:, None] * self.cache.max_len + pos).view(-1))
 
     def _decode_impl(self, input_ids, slots, start_pos, S: int):
         w = self.w
         ctx = self._step_context(slots, start_pos, input_ids.shape[1], S)
-        x = F.embedding(input_ids, w["embed"])
+        B, T = input_ids.shape
+        x = F.embedding(input_ids.reshape(-1), w["embed"])  # [N, d], N = B*T (blocks run on 2-D rows)
         for i in range(self.L):
             x = self._block(w["blocks"][i], i, x, ctx)
-        h = F.rms_norm(x, x.shape[-1:], w["norm"], self.cfg.rms_norm_eps)
-        return _cast(F.linear(h, w["head"]), torch.float32), h
+        h = x * _rms_factor(x, w["mean_col"], w["eps"])  # the final norm's weight is folded into the head
+        # the hidden state MTP reads is the model's: after the final norm, its weight included
+        return _cast(F.linear(h, w["head"]), torch.float32).view(B, T, -1), (h * w["norm"]).view(B, T, -1)
 
     def _mtp_impl(self, h_prev, next_ids, slots, start_pos, S: int):
-        w, eps = self.w, self.cfg.rms_norm_eps
+        w = self.w
         mw = w["mtp"]
         ctx = self._step_context(slots, start_pos, next_ids.shape[1], S)
-        emb = F.embedding(next_ids, w["embed"])
-        h_prev = _cast(h_prev, emb.dtype)
-        d = emb.shape[-1:]
-        h = F.linear(torch.cat([F.rms_norm(emb, d, mw["enorm"], eps), F.rms_norm(h_prev, d, mw["hnorm"], eps)], -1),
-                     mw["eh"])
+        B, T = next_ids.shape
+        emb = F.embedding(next_ids.reshape(-1), w["embed"])  # [N, d]
+        # h_prev is the main model's normed hidden, [emb ‖ h_prev] gets enorm ‖ hnorm as one grouped norm
+        eh = torch.cat([emb, _cast(h_prev.reshape(B * T, -1), emb.dtype)], -1)  # [N, 2d]
+        h = F.linear(eh * _group_factor(eh, mw["G"], mw["eps"], mw["GT"]), mw["eh"])
         h = self._block(w["blocks"][self.L], self.L, h, ctx)
-        return _cast(F.linear(F.rms_norm(h, d, mw["norm"], eps), w["head"]), torch.float32)
+        logits = F.linear(h * _rms_factor(h, w["mean_col"], mw["norm_eps"]), mw["head"])
+        return _cast(logits, torch.float32).view(B, T, -1)
 
     def _block(self, b, layer, x, ctx):
-        d = x.shape[-1:]
-        x = x + self._attention(b, F.rms_norm(x, d, b["ln1"], b["eps"]), self.cache.layer(layer), ctx)
-        h = F.rms_norm(x, d, b["ln2"], b["eps"])
-        if b["moe"] is not None:
-            return x + self._moe(b, h.reshape(-1, d[0])).view_as(h)
-        return x + _swiglu(h, *b["mlp"])
+        """x [N, d] -> [N, d]."""
+        mc = self.w["mean_col"]
+        x = x + self._attention(b, x * _rms_factor(x, mc, b["eps"]), layer, ctx)
+        h = x * _rms_factor(x, mc, b["eps2"])  # post_attention_layernorm's weight is in the router and experts
+        return x + (self._moe(b, h) if b["moe"] is not None else _swiglu(h, *b["mlp"]))
 
-    def _attention(self, b, x, kv, ctx):
-        B, T, _ = x.shape
-        cfg, S = self.cfg, ctx["S"]
+    def _attention(self, b, x, layer, ctx):
+        """x [N, d] (normed, weight folded into w_in), N = B*T rows -> [N, d]."""
+        cfg, S, B, T = self.cfg, ctx["S"], ctx["B"], ctx["T"]
         H, dr, r = cfg.num_attention_heads, cfg.qk_rope_head_dim, cfg.kv_lora_rank
-        a = F.linear(x, b["w_in"], b.get("b_in"))
-        if b["w_q"] is None:
-            q, lat_new = a.split([H * (r + dr), r + dr], dim=-1)
-        else:
-            c_q, lat_new = a.split([cfg.q_lora_rank, r + dr], dim=-1)
-            q = F.linear(F.rms_norm(c_q, c_q.shape[-1:], b["q_norm"], b["q_eps"]), b["w_q"])
-        q_lat, q_pe = q.split([H * r, H * dr], dim=-1)
-        c_kv, k_pe = lat_new.split([r, dr], dim=-1)
-        c_kv = F.rms_norm(c_kv, (r,), b["kv_norm"], b["kv_eps"])
-        # one rotation for the H query heads and the shared key: [B, T, H+1, dr] @ [B, T, dr, dr]
-        pe = torch.matmul(torch.cat([q_pe.view(B, T, H, dr), k_pe[:, :, None]], dim=2), ctx["rope"])
-        kv[ctx["rows"], ctx["pos"]] = _cast(torch.cat([c_kv, pe[:, :, H]], dim=-1), kv.dtype)  # the new latents
-        qc = torch.cat([q_lat.view(B, T, H, r), pe[:, :, :H]], dim=-1).view(B, T * H, r + dr)
-        lat = _cast(kv[:, :S].index_select(0, ctx["slots"]), qc.dtype)  # [B, S, r+dr]: the rows' cached latents
-        scores = _cast(torch.bmm(qc, lat.transpose(1, 2)).view(B, T, H, S), torch.float32)  # scale is in q
-        p = _cast((scores + ctx["mask"]).softmax(dim=-1), qc.dtype)
+        a = F.linear(x, b["w_in"], b.get("b_in"))  # [N, q_rows + r + dr]
+        a = a * _group_factor(a, b["G"], b["G_eps"], b["GT"])  # q_a norm, kv_a norm (k_pe passes through)
+        q = a[..., : b["q_rows"]] if b["w_q"] is None else F.linear(a[..., : b["q_rows"]], b["w_q"])
+        M = ctx["M"]
+        qc = torch.matmul(q.view(B, T, H, r + dr), M).view(B, T * H, r + dr)  # rope on each head's rope part
+        row = torch.matmul(a[:, None, b["q_rows"] :].view(B, T, 1, r + dr), M)  # the new cache rows [c_kv ‖ k_pe]
+        self._flat[layer].index_copy_(0, ctx["flat"], _cast(row.view(B * T, r + dr), self.cache.buf.dtype))
+        kv = self.cache.buf[layer]
+        rows = ctx["rows"]
+        lat = kv[rows[0] : rows[1], :S] if rows is not None else kv[:, :S].index_select(0, ctx["slots"])
+        lat = _cast(lat, qc.dtype)  # [B, S, r+dr]: the rows' cached latents
+        scores = _cast(torch.bmm(qc, lat.transpose(1, 2)), torch.float32)  # [B, T*H, S]; the scale is in q
+        if ctx["mask"] is not None:
+            scores = scores.view(B, T, H, S) + ctx["mask"]
+        p = _cast(scores.softmax(dim=-1), qc.dtype)
         o_lat = torch.bmm(p.view(B, T * H, S), lat[..., :r])  # [B, T*H, r]
-        return F.linear(o_lat.view(B, T, H * r), b["w_o"], b.get("b_o"))  # W_UV folded into W_O
+        return F.linear(o_lat.view(B * T, H * r), b["w_o"], b.get("b_o"))  # W_UV folded into W_O
 
     def _route(self, b, x):
         """The model's router (model/moe.py Gate) in fewer ops: x [N, d] -> gates [N, K], expert ids [N, K]."""
@@ -224,12 +271,12 @@ class Runner:
             choice = grouped.masked_fill(drop[..., None], float("-inf")).view(N, -1)
         idx = choice.topk(cfg.num_experts_per_tok, dim=-1).indices
         w = scores.gather(1, idx)  # gates from the raw s, not s + b
-        if cfg.norm_topk_prob:
-            return w * (cfg.routed_scaling_factor / (w.sum(-1, keepdim=True) + 1e-20)), idx
-        return w * cfg.routed_scaling_factor, idx
+        if cfg.norm_topk_prob:  # routed_scaling_factor is in the experts' down weights
+            w = w / w.sum(-1, keepdim=True).add_(self._tiny)
+        return w, idx
 
     def _moe(self, b, x):
-        """x [N, d] -> [N, d]: routed experts + shared experts."""
+        """x [N, d] (normed, weight folded into the router and experts) -> [N, d]: routed + shared experts."""
         w, idx = self._route(b, x)
         w = _cast(w, x.dtype)
         N, K = idx.shape
@@ -242,6 +289,37 @@ class Runner:
         g, u = torch.einsum("nd,nkhd->nkh", x, b["gate_up"][idx]).chunk(2, dim=-1)
         y = torch.einsum("nkh,nkdh->nd", F.silu(g) * u * w[..., None], b["down"][idx])
         return y + _swiglu(x, *b["shared"]) if b["shared"] is not None else y
+
+
+def _group_norm_mats(segments):
+    """RMSNorm of several consecutive segments of one row as matmuls. segments: (width, weight or None, eps); a
+    None weight passes its segment through unchanged. Returns G [A, g] (1/width averaging columns), eps [g] and
+    GT [g, A] (spreads each segment's rsqrt factor over its columns, times the norm weight), g = groups + 1: the
+    last group is the pass-through one (a zero column, eps 1, so its factor is rsqrt(0 + 1) = 1 exactly)."""
+    normed = [s for s in segments if s[1] is not None]
+    A, g = sum(s[0] for s in segments), len(normed) + 1
+    G, GT, eps = torch.zeros(A, g), torch.zeros(g, A), torch.ones(g)
+    col, j = 0, 0
+    for width, weight, e in segments:
+        if weight is None:
+            GT[g - 1, col : col + width] = 1.0
+        else:
+            G[col : col + width, j] = 1.0 / width
+            GT[j, col : col + width] = weight.detach().float()
+            eps[j] = e
+            j += 1
+        col += width
+    return G, eps, GT
+
+
+def _rms_factor(x, mean_col, eps):
+    """x [N, d] -> rsqrt(mean(x²) + eps) [N, 1]: RMSNorm without its weight, as one addmm (eps a [1] tensor)."""
+    return torch.addmm(eps, x.square(), mean_col).rsqrt_()
+
+
+def _group_factor(x, G, eps, GT):
+    """x [N, A] -> the per-column factor of a grouped RMSNorm (see _group_norm_mats), weights included: [N, A]."""
+    return torch.addmm(eps, x.square(), G).rsqrt_() @ GT
 
 
 def _swiglu(x, w_gate_up, w_down):
