@@ -398,18 +398,19 @@ def test_torchrun_sft_equals_one_process(smoke_base, tmp_path):
         assert torch.allclose(va, vb, atol=1e-5), k
 
 
-def test_torchrun_rl_zero_two_ranks(smoke_base, tmp_path):
-    """`nanoseek rl --zero` on two ranks: each rank samples its whole groups; DAPO's token count and the batch-std
-    advantage scale are global (collectives); rank 0 alone logs, checkpoints and saves."""
+def test_torchrun_rl_zero_two_ranks_fsdp(smoke_base, tmp_path):
+    """`nanoseek rl --zero` on two ranks with FSDP2 (each rank's engine reads the gathered weights): each rank samples
+    its whole groups; DAPO's token count and the batch-std advantage scale are global (collectives); rank 0 alone
+    logs, checkpoints and saves; the two-rank checkpoint resumes in one process."""
     import nanoseek
 
     out = tmp_path / "zero"
     sets = [*SFT_DATA, "rl.zero_steps=2", "rl.num_generations=3", "rl.prompts_per_step=4",
             "rl.max_completion_length=8", "rl.ckpt_every=0", "rl.dtype=fp32", "rl.loss_type=dapo",
-            "rl.scale_rewards=batch"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanoseek",
-           "rl", "--zero", "--model", str(smoke_base[0]), "--out", str(out), "--preset", "smoke",
-           *[a for s in sets for a in ("--set", s)]]
+            "rl.scale_rewards=batch", "parallel.strategy=fsdp"]
+    one = [sys.executable, "-m", "nanoseek", "rl", "--zero", "--model", str(smoke_base[0]), "--out", str(out),
+           "--preset", "smoke", *[a for s in sets for a in ("--set", s)]]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *one[1:]]
     r = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count('"stage": "zero"') == 1 and r.stderr.count("zero step 2/2") == 1  # rank 0 speaks
@@ -420,6 +421,12 @@ def test_torchrun_rl_zero_two_ranks(smoke_base, tmp_path):
         assert x["sample_rounds"] == 3 and x["samples"] == 3 * 4 * 3 and x["train_groups"] == 4, x
     assert [p.name for p in complete_checkpoints(out)] == ["step_000002"]  # written once, at the last step
     assert nanoseek.load(out / "model").config.num_hidden_layers == load_preset("smoke").model.num_hidden_layers
+    # One process resumes the two-rank run from its checkpoint and takes a third step.
+    r = subprocess.run([*one, "--set", "rl.zero_steps=3", "--resume"], env=cli_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "resumed at RL step 2" in r.stderr, r.stderr[-3000:]
+    assert [x["step"] for x in read_metrics(out)] == [1, 2, 3] and read_metrics(out)[-1]["samples"] == 3 * 4 * 3
+    assert [p.name for p in complete_checkpoints(out)] == ["step_000002", "step_000003"]
     # prompts_per_step must split over the ranks: a clear error, not a hang.
     bad = [a if a != "rl.prompts_per_step=4" else "rl.prompts_per_step=3" for a in cmd]
     bad[bad.index(str(out))] = str(tmp_path / "bad")
