@@ -13,7 +13,13 @@ one of the sources the paper names is R1-Zero's own outputs, kept when correct a
      stray or repeated tags, nothing after the answer (rewards.format_ok with require_reasoning);
    - no repeated lines: no non-empty line of the reasoning occurs twice (the loops small RL models fall into);
    - bounded length: at most `max_trace_tokens` tokens and ended by the model itself (not truncated);
-   - plain text: printable ASCII only (no stray bytes of a half-learned byte-level BPE).
+   - plain text: printable ASCII only (no stray bytes of a half-learned byte-level BPE);
+   - consistent steps (`check_steps`): every step a rule can check holds — each `expression = value` of integer
+     arithmetic (`17-9=8`, `80*2 + 7*2 = 160 + 14`, `63 / 9 = 7`) and each `smallest/largest of LIST: v` with
+     the list shrinking by the picked number. R1-Zero is rewarded for the final answer only, so about half of its
+     correct samples reach it through a wrong step (`22-7=20\n20+5=20`); SFT on those teaches the wrong
+     arithmetic. This is our analogue of R1's readability and language-consistency filtering: the reasoning must
+     agree with itself, not only end in the right answer.
    Exact duplicates of a kept trace for the same question are dropped, and at most `max_per_question` traces are
    kept per question, so the easy questions do not crowd out the rest.
 2. SFT: chat examples (the R1 prompt, then the trace as the assistant reply, then EOS) with the loss only on the
@@ -31,9 +37,11 @@ import argparse
 import json
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -61,6 +69,7 @@ class SFTConfig(LoopConfig):
     max_trace_tokens: int = 200  # readable: at most this many tokens
     max_per_question: int = 2  # kept traces per question (distinct texts)
     readable: bool = True  # apply the readability filter (False: keep every correct sample)
+    check_steps: bool = True  # part of the filter: every checkable arithmetic / sorting step must hold
     tasks: list[str] = field(default_factory=list)  # [] = the data section's tasks
     min_traces: int = 8  # fewer kept traces than this is an error (the trace model cannot solve the tasks yet)
     # --- the fine-tune (plus LoopConfig: steps, lr, warmup_steps, schedule, ...)
@@ -95,9 +104,70 @@ class SFTConfig(LoopConfig):
 
 
 # ---- the readability filter ------------------------------------------------------------------------------------
-def readable(text: str, n_tokens: int, truncated: bool, max_tokens: int) -> str | None:
+_EXPR = r"\d+(?:\s*[-+*/]\s*\d+)*"  # integer arithmetic without parentheses: what the worked solutions write
+_LHS = re.compile(r"(?:(?<![\w)])-)?" + _EXPR + r"\s*$")  # the expression ending a segment (a leading minus sign
+# counts only where it cannot be a subtraction: not after a digit, letter or bracket)
+_RHS = re.compile(r"^\s*-?" + _EXPR)  # the expression starting the next segment
+_PICK = re.compile(r"^(smallest|largest) of ([-\d, ]+): (-?\d+)$")
+
+
+def _value(expr: str) -> Fraction | None:
+    """Exact value of an integer +-*/ expression (usual precedence), None if it divides by zero."""
+    toks = re.findall(r"\d+|[-+*/]", expr.replace(" ", ""))
+    neg = toks[:1] == ["-"]
+    toks = toks[1:] if neg else toks
+    terms, cur, op = [], Fraction(int(toks[0])) * (-1 if neg else 1), None
+    for t in toks[1:]:
+        if t in "+-*/":
+            op = t
+            continue
+        v = Fraction(int(t))
+        if op == "*":
+            cur *= v
+        elif op == "/":
+            if v == 0:
+                return None
+            cur /= v
+        else:
+            terms.append(cur)
+            cur = v if op == "+" else -v
+    return sum(terms, cur)
+
+
+def wrong_step(reasoning: str) -> str | None:
+    """The first step of `reasoning` that a rule can check and that is false, else None. Checked: every `A = B`
+    where the segment before `=` ends in an integer expression A and the one after starts with one (B); chained
+    equalities are checked pair by pair; `6x = 43 - 7` has no expression before `=` and is skipped. And sorting
+    by selection: `smallest of 31, 2, 5: 2` must pick the minimum, and each list must be the previous one without
+    the number picked from it. Unchecked text (`-> 94`, `carry 1`) is allowed: absence of checks is not an error."""
+    prev: list[int] | None = None
+    for line in reasoning.splitlines():
+        line = line.strip()
+        segs = line.split("=")
+        for a, b in zip(segs, segs[1:]):
+            lhs, rhs = _LHS.search(a), _RHS.match(b)
+            if lhs and rhs and (lhs_v := _value(lhs.group())) is not None:
+                if lhs_v != _value(rhs.group()):
+                    return line
+        m = _PICK.match(line)
+        if m:
+            nums = [int(x) for x in m.group(2).replace(" ", "").split(",") if x.lstrip("-").isdigit()]
+            pick = int(m.group(3))
+            if not nums or pick != (min(nums) if m.group(1) == "smallest" else max(nums)):
+                return line
+            if prev is not None and sorted(nums) != sorted(prev):
+                return line
+            prev = list(nums)
+            prev.remove(pick)
+        elif line.startswith("last:") and prev is not None:
+            if [x.strip() for x in line[5:].split(",")] != [str(v) for v in prev]:
+                return line
+    return None
+
+
+def readable(text: str, n_tokens: int, truncated: bool, max_tokens: int, check_steps: bool = False) -> str | None:
     """None if the completion `text` (as decoded after the generation prompt `…<think>\\n`) is readable, else the
-    reason it is not (one of "format", "repeated_line", "too_long", "truncated", "not_plain")."""
+    reason it is not (one of "format", "repeated_line", "too_long", "truncated", "not_plain", "wrong_step")."""
     if truncated:
         return "truncated"
     if n_tokens > max_tokens:
@@ -109,6 +179,8 @@ def readable(text: str, n_tokens: int, truncated: bool, max_tokens: int) -> str 
     lines = [ln.strip() for ln in text.split(THINK_CLOSE)[0].splitlines() if ln.strip()]
     if len(lines) != len(set(lines)):
         return "repeated_line"
+    if check_steps and wrong_step(text.split(THINK_CLOSE)[0]) is not None:
+        return "wrong_step"
     return None
 
 
@@ -135,8 +207,9 @@ def questions(data_cfg, task_names: list[str], n: int, seed: int) -> list[dict]:
 
 def rejection_sample(engine, tok, entries: list[dict], k: int, temperature: float, top_p: float, max_tokens: int,
                      max_trace_tokens: int, max_per_question: int, use_filter: bool = True, seed: int = 0,
-                     batch: int = 64) -> tuple[list[dict], dict]:
-    """Sample k completions per entry; keep the correct (strict) and, with use_filter, readable ones.
+                     batch: int = 64, check_steps: bool = False) -> tuple[list[dict], dict]:
+    """Sample k completions per entry; keep the correct (strict) and, with use_filter, readable ones (with
+    check_steps, only those whose checkable steps all hold).
     Returns (traces [{question, answer, task, completion, tokens}], figures)."""
     from nanoseek import tasks
     from nanoseek.infer.sampling import SamplingParams
@@ -166,7 +239,8 @@ def rejection_sample(engine, tok, entries: list[dict], k: int, temperature: floa
                     continue
                 figures["correct"] += 1
                 pt["correct"] += 1
-                why = readable(text, len(ids), c.finish_reason != "stop", max_trace_tokens) if use_filter else None
+                why = (readable(text, len(ids), c.finish_reason != "stop", max_trace_tokens, check_steps)
+                       if use_filter else None)
                 if why is None and (text in seen or len(seen) >= max_per_question):
                     why = "duplicate" if text in seen else "per_question_cap"
                 if why is not None:
@@ -223,7 +297,8 @@ def sample_traces(model_dir: str | Path, out: Path, data_cfg, cfg, engine_cfg=No
     engine = Engine(model, tok, engine_cfg)
     entries = questions(data_cfg, task_names, n_questions, seed)
     traces, figures = rejection_sample(engine, tok, entries, k, cfg.temperature, cfg.top_p, cfg.max_tokens,
-                                       cfg.max_trace_tokens, cfg.max_per_question, use_filter, seed)
+                                       cfg.max_trace_tokens, cfg.max_per_question, use_filter, seed,
+                                       check_steps=cfg.check_steps)
     figures.update(seconds=time.time() - t0, model=str(model_dir),
                    tokens_generated=None)
     write_traces(out, traces, figures)
