@@ -144,3 +144,73 @@ def test_compiled_training_step_equals_eager():
     assert g1.keys() == g0.keys() and len(g0) > 20
     for n in g0:
         assert (g1[n] - g0[n]).abs().max() <= 1e-2 * max(1e-3, g0[n].abs().max().item()), n
+
+
+# ---- the engine's decode step (nanoseek/infer/runner.py): each of its paths against another and the model ----
+def _runner_setup(variant, n_slots=8, max_len=40, seed=3):
+    from nanoseek.infer.cache import LatentCache
+    from nanoseek.infer.runner import Runner
+
+    torch.manual_seed(seed)
+    m = Transformer(tiny(**VARIANTS[variant])).eval()
+    for moe in m.moe_layers():  # a non-zero correction bias changes which experts are chosen
+        moe.gate.e_score_correction_bias.normal_(0, 0.05)
+    cache = LatentCache(m.config, n_slots, max_len)
+    r = Runner(m, cache)
+    r.sync()
+    return m, cache, r
+
+
+@pytest.mark.parametrize("variant", ["q_lora", "no_q_lora", "no_norm_topk"])
+def test_decode_gathered_experts_equal_all_experts(variant):
+    """MoE of a decode step: copying out each token's experts equals running every expert with zero gates, at 1,
+    2 and 5 tokens; both equal the model's MoE module."""
+    m, _, r = _runner_setup(variant)
+    torch.manual_seed(1)
+    blocks = list(m.model.layers) + [mod.block for mod in m.mtp]  # the runner's order
+    for b, blk in zip(r.w["blocks"], blocks):
+        if b["moe"] is None:
+            continue
+        moe = blk.mlp
+        for N in (1, 2, 5):
+            x = torch.randn(N, m.config.hidden_size)
+            outs = []
+            for ratio in (0.0, 1e9):  # 0: always gather, 1e9: never
+                r.gather_ratio = ratio
+                with torch.no_grad():
+                    outs.append(r._moe(b, x))
+            # the model's MoE reads post_attention_layernorm(y); the runner reads y * rsqrt(mean(y²) + eps), the
+            # norm's weight being folded into its router and experts
+            y = x * 3.0
+            with torch.no_grad():
+                ref = moe(blk.post_attention_layernorm(y)[None])[0]
+                r.gather_ratio = 0.0
+                got = r._moe(b, y * torch.rsqrt(y.square().mean(-1, keepdim=True) + blk.post_attention_layernorm.eps))
+            assert (outs[0] - outs[1]).abs().max() <= 1e-5, (variant, N)
+            assert (got - ref).abs().max() <= 1e-4 * ref.abs().max(), (variant, N)
+
+
+@pytest.mark.parametrize("variant", ["q_lora", "no_q_lora", "yarn"])
+def test_decode_cache_views_equal_gathered_rows(variant):
+    """Attention of a decode step reads a contiguous range of slots as views of the pool and other slot sets by
+    index_select; rows of equal length skip the causal mask. All four combinations give the full forward's logits."""
+    m, cache, r = _runner_setup(variant)
+    cfg = m.config
+    torch.manual_seed(2)
+    x = torch.randint(0, cfg.vocab_size, (3, 14))
+    with torch.no_grad():
+        full = m(x).logits
+    for slots in ([2, 3, 4], [4, 0, 2]):
+        for lens in ([6, 6, 6], [5, 7, 6]):
+            s = torch.tensor(slots)
+            ctx = r._step_context(s, torch.tensor(lens), 1, max(lens) + 1)
+            assert ("lat" in ctx) == (slots == [2, 3, 4]) and (ctx["mask"] is None) == (lens == [6, 6, 6])
+            cache.buf.zero_()
+            with torch.no_grad():
+                r.prefill(x[:, :8], s)  # positions past a row's length are overwritten as it decodes
+                pos = torch.tensor(lens)
+                for _ in range(4):
+                    logits = r.decode(x.gather(1, pos[:, None]), s, pos, int(pos.max()) + 1)[0][:, 0]
+                    ref = full[torch.arange(3), pos]
+                    assert (logits - ref).abs().max() <= 1e-4, (variant, slots, lens)
+                    pos = pos + 1

@@ -52,6 +52,9 @@ class Runner:
         self._flat = [cache.buf[i].view(-1, cache.buf.shape[-1]) for i in range(cache.n_layers)]
         self._arange = torch.arange(cache.max_len)
         self._tiny = torch.tensor(1e-20)  # tensors, not Python floats: a Python scalar costs one more dispatch
+        # MoE path: gather each token's experts when tokens x experts-per-token x gather_ratio <= all experts
+        # (measured on cpu-tiny: gathering 3 of 9 experts pays at 1 token, not at 2)
+        self.gather_ratio = 3.0
 
     # ---- derived weights -----------------------------------------------------------------------------------
     def sync(self) -> None:
@@ -138,10 +141,8 @@ class Runner:
             b["router"] = mlp.gate.weight.detach().float() * ln2  # fp32 like the model's router
             b["router_bias"] = mlp.gate.e_score_correction_bias.detach().float()
             gate_up = torch.cat([ex.gate_proj, ex.up_proj], dim=1).float() * ln2  # [E, 2h, d]
-            b["gate_up"] = c(gate_up)
             # routed_scaling_factor (V3 eq. 12's gates are scaled) goes into the routed experts' down projections
             down_r = ex.down_proj.float() * cfg.routed_scaling_factor
-            b["down"] = c(down_r)  # [E, d, h]
             # All-expert form: the shared experts' SwiGLU splits by hidden unit into n_shared extra experts of width
             # h with gate 1, so routed + shared run as two matmuls: [E', 2h, d] and [d, E' h], E' = E + n_shared.
             gu, down = [gate_up], [down_r]
@@ -151,12 +152,12 @@ class Runner:
                 sg, su = sh.gate_proj.weight.float() * ln2, sh.up_proj.weight.float() * ln2
                 gu.append(torch.cat([sg.view(n_sh, h, d), su.view(n_sh, h, d)], 1))
                 down.append(sh.down_proj.weight.float().view(d, n_sh, h).transpose(0, 1))  # [n_sh, d, h]
-                b["shared"] = (c(torch.cat([sg, su])), c(sh.down_proj.weight))
-            else:
-                b["shared"] = None
-            b["all_gate_up"] = c(torch.cat(gu).view(-1, d))  # [E' 2h, d]
-            b["all_down"] = c(torch.cat(down).permute(1, 0, 2).reshape(d, -1))  # [d, E' h]
+            # expert tables, routed then shared: [E', 2h, d] (rows [gate; up]) and [E', h, d] (down transposed). The
+            # all-expert path reads them whole as [E' 2h, d] and [E' h, d]; the gather path copies out a token's rows
+            b["gu_tab"] = c(torch.cat(gu))
+            b["dn_tab"] = c(torch.cat(down).transpose(1, 2))
             b["gate_row"] = torch.cat([torch.zeros(E), torch.ones(n_sh)]).to(self.dtype)[None]  # [1, E']
+            b["sh_ids"], b["sh_ones"] = torch.arange(E, E + n_sh)[None], torch.ones(1, n_sh, dtype=self.dtype)
         else:
             b["moe"] = None
             b["mlp"] = (c(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).float() * ln2),
@@ -200,10 +201,13 @@ class Runner:
         if T > 1 or any(p + 1 != S for p in sp):  # some row must not see some of the S cached positions
             allowed = self._arange[:S] <= pos[:, :, None]  # [B, T, S]
             mask = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))[:, :, None]  # [B, T, 1, S]
+        flat = (slots[:, None] * self.cache.max_len + pos).view(-1)  # [B*T] rows of the flat pool
+        ctx = dict(M=M, mask=mask, S=S, B=B, T=T, slots=slots, flat=flat)
         s0 = sl[0]
-        contiguous = sl == list(range(s0, s0 + B))
-        return dict(M=M, mask=mask, S=S, B=B, T=T, slots=slots, rows=(s0, s0 + B) if contiguous else None,
-                    flat=(slots[:, None] * self.cache.max_len + pos).view(-1))
+        if sl == list(range(s0, s0 + B)):  # one contiguous range of slots: every layer's rows are views of the pool
+            lat = self.cache.buf[:, s0 : s0 + B, :S]  # [layers, B, S, r+dr]
+            ctx["lat"] = (lat.transpose(2, 3).unbind(0), lat[..., :r].unbind(0))  # per layer: keys^T, values
+        return ctx
 
     def _decode_impl(self, input_ids, slots, start_pos, S: int):
         w = self.w
@@ -245,17 +249,19 @@ class Runner:
         q = a[..., : b["q_rows"]] if b["w_q"] is None else F.linear(a[..., : b["q_rows"]], b["w_q"])
         M = ctx["M"]
         qc = torch.matmul(q.view(B, T, H, r + dr), M).view(B, T * H, r + dr)  # rope on each head's rope part
-        row = torch.matmul(a[:, None, b["q_rows"] :].view(B, T, 1, r + dr), M)  # the new cache rows [c_kv ‖ k_pe]
+        row = torch.matmul(a[:, b["q_rows"] :].view(B, T, 1, r + dr), M)  # the new cache rows [c_kv ‖ k_pe]
         self._flat[layer].index_copy_(0, ctx["flat"], _cast(row.view(B * T, r + dr), self.cache.buf.dtype))
-        kv = self.cache.buf[layer]
-        rows = ctx["rows"]
-        lat = kv[rows[0] : rows[1], :S] if rows is not None else kv[:, :S].index_select(0, ctx["slots"])
-        lat = _cast(lat, qc.dtype)  # [B, S, r+dr]: the rows' cached latents
-        scores = _cast(torch.bmm(qc, lat.transpose(1, 2)), torch.float32)  # [B, T*H, S]; the scale is in q
+        if "lat" in ctx:  # views of the pool (written above, so they include the new rows)
+            lat_t, lat_v = ctx["lat"][0][layer], ctx["lat"][1][layer]
+        else:
+            lat = self.cache.buf[layer, :, :S].index_select(0, ctx["slots"])  # [B, S, r+dr]
+            lat_t, lat_v = lat.transpose(1, 2), lat[..., :r]
+        # [B, T*H, S]; the scale is in q (a bf16 cache is read in the runner's dtype, which is the cache's)
+        scores = _cast(torch.bmm(qc, _cast(lat_t, qc.dtype)), torch.float32)
         if ctx["mask"] is not None:
             scores = scores.view(B, T, H, S) + ctx["mask"]
         p = _cast(scores.softmax(dim=-1), qc.dtype)
-        o_lat = torch.bmm(p.view(B, T * H, S), lat[..., :r])  # [B, T*H, r]
+        o_lat = torch.bmm(p.view(B, T * H, S), _cast(lat_v, qc.dtype))  # [B, T*H, r]
         return F.linear(o_lat.view(B * T, H * r), b["w_o"], b.get("b_o"))  # W_UV folded into W_O
 
     def _route(self, b, x):
@@ -279,16 +285,25 @@ class Runner:
         """x [N, d] (normed, weight folded into the router and experts) -> [N, d]: routed + shared experts."""
         w, idx = self._route(b, x)
         w = _cast(w, x.dtype)
-        N, K = idx.shape
-        E = b["gate_up"].shape[0]
-        if 8 * N * K > E:  # every expert, the shared ones included, as two matmuls; zero gate for the unchosen
+        N, d = x.shape
+        gu, dn = b["gu_tab"], b["dn_tab"]
+        E_all, h = dn.shape[0], dn.shape[1]  # E' = routed + shared
+        J = idx.shape[1] + b["sh_ids"].shape[1]  # experts a token runs
+        if N * J * self.gather_ratio > E_all:
+            # every expert, the shared ones included, as two matmuls; zero gate for the unchosen
             cw = b["gate_row"].expand(N, -1).scatter(1, idx, w)  # [N, E']
-            g, u = F.linear(x, b["all_gate_up"]).view(N, cw.shape[1], -1).chunk(2, dim=-1)
-            return F.linear((F.silu(g) * u * cw[..., None]).view(N, -1), b["all_down"])
-        # few tokens, many experts: copy out only the chosen experts' weights
-        g, u = torch.einsum("nd,nkhd->nkh", x, b["gate_up"][idx]).chunk(2, dim=-1)
-        y = torch.einsum("nkh,nkdh->nd", F.silu(g) * u * w[..., None], b["down"][idx])
-        return y + _swiglu(x, *b["shared"]) if b["shared"] is not None else y
+            g, u = F.linear(x, gu.view(-1, d)).view(N, E_all, -1).chunk(2, dim=-1)
+            return (F.silu(g) * u * cw[..., None]).view(N, -1) @ dn.view(-1, d)
+        # few tokens: copy out only the rows of each token's J experts (at batch 1 a step is memory-bound, and
+        # reading all E' experts' weights costs more than copying J of them)
+        if J > idx.shape[1]:
+            idx = torch.cat([idx, b["sh_ids"].expand(N, -1)], 1)  # [N, J]
+            w = torch.cat([w, b["sh_ones"].expand(N, -1)], 1)
+        sel = idx.view(-1)
+        out = torch.bmm(gu.index_select(0, sel).view(N, J * 2 * h, d), x.view(N, d, 1))  # [N, J 2h, 1]
+        g, u = out.view(N, J, 2, h).unbind(2)
+        act = (F.silu(g) * u * w[..., None]).view(N, 1, J * h)
+        return torch.bmm(act, dn.index_select(0, sel).view(N, J * h, d)).view(N, d)
 
 
 def _group_norm_mats(segments):
