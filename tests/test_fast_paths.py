@@ -214,3 +214,28 @@ def test_decode_cache_views_equal_gathered_rows(variant):
                     ref = full[torch.arange(3), pos]
                     assert (logits - ref).abs().max() <= 1e-4, (variant, slots, lens)
                     pos = pos + 1
+
+
+@pytest.mark.parametrize("variant", ["q_lora", "no_interleave_all_moe"])
+def test_mtp_last_only_equals_all_rows(variant):
+    """A draft needs only the MTP logits of the last position: last_only runs attention output, MoE and head for
+    that row alone, yet writes every row's latent. Its logits and the cache equal the all-rows pass, and both equal
+    the model's own MTP step."""
+    m, cache, r = _runner_setup(variant)
+    cfg = m.config
+    torch.manual_seed(4)
+    x = torch.randint(0, cfg.vocab_size, (2, 12))
+    slots, L = torch.tensor([1, 5]), cfg.num_hidden_layers
+    with torch.no_grad():
+        _, hidden = r.prefill(x[:, :10], slots)
+        outs = []
+        for last_only in (False, True):
+            cache.buf[L].zero_()
+            r.mtp(hidden[:, :6], x[:, 1:7], slots, torch.zeros(2, dtype=torch.long), 6)  # positions 0..5
+            logits = r.mtp(hidden[:, 6:9], x[:, 7:10], slots, torch.full((2,), 6), 9, last_only=last_only)
+            outs.append((logits[:, -1].clone(), cache.buf[L].clone()))
+        ref, _ = m.mtp_step(hidden[:, :9], x[:, 1:10], cache, slots, torch.zeros(2, dtype=torch.long))
+    (all_rows, cache_all), (last, cache_last) = outs
+    assert logits.shape == (2, 1, cfg.vocab_size)
+    assert (all_rows - last).abs().max() <= 1e-5 and torch.equal(cache_all, cache_last)
+    assert (last - ref[:, -1]).abs().max() <= 1e-4

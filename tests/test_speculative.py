@@ -38,8 +38,8 @@ def _speculative(model, prompt, max_tokens, oracle=None, every=1, **kw):
         real_mtp = e.runner.mtp
         calls = [0]
 
-        def mtp(h_prev, next_ids, slots, start_pos, S):
-            logits = real_mtp(h_prev, next_ids, slots, start_pos, S)
+        def mtp(h_prev, next_ids, slots, start_pos, S, **kw):
+            logits = real_mtp(h_prev, next_ids, slots, start_pos, S, **kw)
             calls[0] += 1
             j = int(start_pos[0]) + next_ids.shape[1] + 1  # the position the last row's logits predict
             if calls[0] % every == 0 and j < len(seq_all):

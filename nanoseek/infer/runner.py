@@ -51,6 +51,7 @@ class Runner:
         # per layer, the pool as rows [slots * max_len, r + dr]: one index_copy_ writes a step's new latents
         self._flat = [cache.buf[i].view(-1, cache.buf.shape[-1]) for i in range(cache.n_layers)]
         self._arange = torch.arange(cache.max_len)
+        self._ctx = None  # the last step context and its key (slots, start positions, T, S)
         self._tiny = torch.tensor(1e-20)  # tensors, not Python floats: a Python scalar costs one more dispatch
         # MoE path: gather each token's experts when tokens x experts-per-token x gather_ratio <= all experts
         # (measured on cpu-tiny: gathering 3 of 9 experts pays at 1 token, not at 2)
@@ -63,6 +64,7 @@ class Runner:
         if versions != self._versions:
             with torch.no_grad():
                 self.w = self._derive()
+            self._ctx = None
             self._versions = versions
 
     def _derive(self) -> dict:
@@ -181,16 +183,21 @@ class Runner:
         Returns (logits [B, T, V] fp32, hidden [B, T, d])."""
         return self._decode_impl(input_ids, slots, start_pos, S)
 
-    def mtp(self, h_prev, next_ids, slots, start_pos, S: int):
+    def mtp(self, h_prev, next_ids, slots, start_pos, S: int, last_only: bool = False):
         """MTP module 1 over its cache layer: h_prev [B, T, d] (main hidden at positions start_pos..), next_ids
-        [B, T] (the tokens one ahead). Returns logits [B, T, V] (fp32) of the tokens two ahead."""
-        return self._mtp_impl(h_prev, next_ids, slots, start_pos, S)
+        [B, T] (the tokens one ahead). Returns logits [B, T, V] (fp32) of the tokens two ahead; with last_only,
+        [B, 1, V] of the last position only (the others' cache rows are still written: a draft needs only the
+        last position's logits, so attention output, MoE and head run for one row)."""
+        return self._mtp_impl(h_prev, next_ids, slots, start_pos, S, last_only)
 
     # ---- implementation ------------------------------------------------------------------------------------
     def _step_context(self, slots, start_pos, T: int, S: int) -> dict:
         """What every layer of one step shares: positions, the rope block matrix, the causal mask (if any), where
         the new rows go and where the batch's cache rows are."""
         sl, sp = slots.tolist(), start_pos.tolist()
+        key = (sl, sp, T, S)
+        if self._ctx is not None and self._ctx[0] == key:  # e.g. MTP over the positions the main model just verified
+            return self._ctx[1]
         B, cfg = len(sl), self.cfg
         r, dr = cfg.kv_lora_rank, cfg.qk_rope_head_dim
         pos = start_pos[:, None] + self._arange[:T]  # [B, T]
@@ -207,6 +214,7 @@ class Runner:
         if sl == list(range(s0, s0 + B)):  # one contiguous range of slots: every layer's rows are views of the pool
             lat = self.cache.buf[:, s0 : s0 + B, :S]  # [layers, B, S, r+dr]
             ctx["lat"] = (lat.transpose(2, 3).unbind(0), lat[..., :r].unbind(0))  # per layer: keys^T, values
+        self._ctx = (key, ctx)
         return ctx
 
     def _decode_impl(self, input_ids, slots, start_pos, S: int):
@@ -220,7 +228,7 @@ class Runner:
         # the hidden state MTP reads is the model's: after the final norm, its weight included
         return _cast(F.linear(h, w["head"]), torch.float32).view(B, T, -1), (h * w["norm"]).view(B, T, -1)
 
-    def _mtp_impl(self, h_prev, next_ids, slots, start_pos, S: int):
+    def _mtp_impl(self, h_prev, next_ids, slots, start_pos, S: int, last_only: bool = False):
         w = self.w
         mw = w["mtp"]
         ctx = self._step_context(slots, start_pos, next_ids.shape[1], S)
@@ -229,28 +237,35 @@ class Runner:
         # h_prev is the main model's normed hidden, [emb ‖ h_prev] gets enorm ‖ hnorm as one grouped norm
         eh = torch.cat([emb, _cast(h_prev.reshape(B * T, -1), emb.dtype)], -1)  # [N, 2d]
         h = F.linear(eh * _group_factor(eh, mw["G"], mw["eps"], mw["GT"]), mw["eh"])
-        h = self._block(w["blocks"][self.L], self.L, h, ctx)
+        h = self._block(w["blocks"][self.L], self.L, h, ctx, last_only)
         logits = F.linear(h * _rms_factor(h, w["mean_col"], mw["norm_eps"]), mw["head"])
-        return _cast(logits, torch.float32).view(B, T, -1)
+        return _cast(logits, torch.float32).view(B, 1 if last_only else T, -1)
 
-    def _block(self, b, layer, x, ctx):
-        """x [N, d] -> [N, d]."""
+    def _block(self, b, layer, x, ctx, last_only: bool = False):
+        """x [N, d] -> [N, d] (last_only: [B, d], the last position of each row; every row's latent is cached)."""
         mc = self.w["mean_col"]
-        x = x + self._attention(b, x * _rms_factor(x, mc, b["eps"]), layer, ctx)
+        attn = self._attention(b, x * _rms_factor(x, mc, b["eps"]), layer, ctx, last_only)
+        if last_only:
+            x = x.view(ctx["B"], ctx["T"], -1)[:, -1]
+        x = x + attn
         h = x * _rms_factor(x, mc, b["eps2"])  # post_attention_layernorm's weight is in the router and experts
         return x + (self._moe(b, h) if b["moe"] is not None else _swiglu(h, *b["mlp"]))
 
-    def _attention(self, b, x, layer, ctx):
-        """x [N, d] (normed, weight folded into w_in), N = B*T rows -> [N, d]."""
+    def _attention(self, b, x, layer, ctx, last_only: bool = False):
+        """x [N, d] (normed, weight folded into w_in), N = B*T rows -> [N, d] ([B, d] of the last positions)."""
         cfg, S, B, T = self.cfg, ctx["S"], ctx["B"], ctx["T"]
         H, dr, r = cfg.num_attention_heads, cfg.qk_rope_head_dim, cfg.kv_lora_rank
         a = F.linear(x, b["w_in"], b.get("b_in"))  # [N, q_rows + r + dr]
         a = a * _group_factor(a, b["G"], b["G_eps"], b["GT"])  # q_a norm, kv_a norm (k_pe passes through)
         q = a[..., : b["q_rows"]] if b["w_q"] is None else F.linear(a[..., : b["q_rows"]], b["w_q"])
-        M = ctx["M"]
-        qc = torch.matmul(q.view(B, T, H, r + dr), M).view(B, T * H, r + dr)  # rope on each head's rope part
+        M, mask = ctx["M"], ctx["mask"]
         row = torch.matmul(a[:, b["q_rows"] :].view(B, T, 1, r + dr), M)  # the new cache rows [c_kv ‖ k_pe]
         self._flat[layer].index_copy_(0, ctx["flat"], _cast(row.view(B * T, r + dr), self.cache.buf.dtype))
+        q = q.view(B, T, H, r + dr)
+        if last_only and T > 1:  # queries of the last position only
+            q, M, T = q[:, -1:], M[:, -1:], 1
+            mask = None if mask is None else mask[:, -1:]
+        qc = torch.matmul(q, M).view(B, T * H, r + dr)  # rope on each head's rope part
         if "lat" in ctx:  # views of the pool (written above, so they include the new rows)
             lat_t, lat_v = ctx["lat"][0][layer], ctx["lat"][1][layer]
         else:
@@ -258,8 +273,8 @@ class Runner:
             lat_t, lat_v = lat.transpose(1, 2), lat[..., :r]
         # [B, T*H, S]; the scale is in q (a bf16 cache is read in the runner's dtype, which is the cache's)
         scores = _cast(torch.bmm(qc, _cast(lat_t, qc.dtype)), torch.float32)
-        if ctx["mask"] is not None:
-            scores = scores.view(B, T, H, S) + ctx["mask"]
+        if mask is not None:
+            scores = scores.view(B, T, H, S) + mask
         p = _cast(scores.softmax(dim=-1), qc.dtype)
         o_lat = torch.bmm(p.view(B, T * H, S), _cast(lat_v, qc.dtype))  # [B, T*H, r]
         return F.linear(o_lat.view(B * T, H * r), b["w_o"], b.get("b_o"))  # W_UV folded into W_O

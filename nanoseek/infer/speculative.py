@@ -35,7 +35,8 @@ def mtp_prefill(runner, hidden: torch.Tensor, prompt: list[int], first: int, slo
     cache of positions 0..T-1 and draft the token after `first`."""
     T = len(prompt)
     next_ids = torch.tensor([prompt[1:] + [first]])  # [1, T]: token i+1 for position i
-    logits = runner.mtp(hidden[None, :T], next_ids, torch.tensor([slot]), torch.zeros(1, dtype=torch.long), T)
+    logits = runner.mtp(hidden[None, :T], next_ids, torch.tensor([slot]), torch.zeros(1, dtype=torch.long), T,
+                        last_only=True)
     return SpecState(pos=T, last=first, draft=int(logits[0, -1].argmax()))
 
 
@@ -53,7 +54,7 @@ def spec_step(runner, st: SpecState, slot: int, want_logprobs: bool = False):
         tokens = [g[0]]
     k = len(tokens)
     # MTP at position p+i reads h_{p+i} and the token at p+i+1, which is tokens[i] in both cases
-    mtp_logits = runner.mtp(hidden[:, :k], torch.tensor([tokens]), slots, torch.tensor([p]), p + k)
+    mtp_logits = runner.mtp(hidden[:, :k], torch.tensor([tokens]), slots, torch.tensor([p]), p + k, last_only=True)
     lp = None
     if want_logprobs:
         lp = logits[0, :k].log_softmax(dim=-1).gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()
