@@ -44,8 +44,10 @@ class Runner:
         self.cfg = cfg = model.config
         self.L = cfg.num_hidden_layers
         # the tensors whose version counters tell that the weights changed (listed once: walking the module tree
-        # every step costs more than a tiny model's decode step)
-        self._watched = list(model.parameters()) + list(model.buffers())
+        # every step costs more than a tiny model's decode step). Not the MoE load counters: prefill restores them
+        # with copy_, which bumps their versions, and nothing derived depends on them.
+        counters = {id(mod.load) for mod in model.modules() if isinstance(mod, MoE)}
+        self._watched = list(model.parameters()) + [t for t in model.buffers() if id(t) not in counters]
         self._versions = None
         self.w: dict = {}
         # per layer, the pool as rows [slots * max_len, r + dr]: one index_copy_ writes a step's new latents
