@@ -330,3 +330,18 @@ def test_engine_seed_reproduces_unseeded_requests(model):
     assert runs[0][0][0] != runs[0][1][0]  # prompts do not share a stream
     e.seed(8)
     assert [[c.token_ids for c in g] for g in e.generate(prompts, params)] != runs[0]
+
+
+def test_folded_weights_rederived_only_when_parameters_change(model):
+    """The decode weights are derived once and kept while the model's parameters stay put (prefill's restoring of
+    the MoE load counters is no change); an in-place update of any parameter re-derives them at the next admit."""
+    e = Engine(model, None, EngineConfig(max_batch=2, max_model_len=64, threads=1))
+    params = SamplingParams(max_tokens=4, temperature=0)
+    e.generate(_prompts(2), params)
+    w = e.runner.w
+    e.generate(_prompts(2, seed=1), params)
+    assert e.runner.w is w
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight.add_(0.0)  # bumps its version, as an optimizer step does
+    e.generate(_prompts(2), params)
+    assert e.runner.w is not w
