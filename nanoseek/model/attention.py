@@ -36,9 +36,10 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.dv, d, bias=cfg.attention_bias)
         self.scale = cfg.softmax_scale
 
-    def forward(self, x, cos, sin, kv_cache=None, slots=None, start_pos=None, prefill=True):
+    def forward(self, x, cos, sin, kv_cache=None, slots=None, start_pos=None, prefill=True, packed=None):
         """x [B, T, d]; cos/sin [B, T, dr/2]. With kv_cache ([n_slots, max_len, r+dr] of this layer) the new
-        latents are written at start_pos[b] + t of slot slots[b]; prefill=False attends over the cache."""
+        latents are written at start_pos[b] + t of slot slots[b]; prefill=False attends over the cache.
+        packed (nanoseek.model.packed.PackedRows): x is [1, S, d], the distinct tokens of packed rows (training)."""
         B, T, _ = x.shape
         H = self.n_heads
         q = self.q_proj(x) if self.cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
@@ -52,7 +53,9 @@ class MLA(nn.Module):
         if kv_cache is not None:
             pos = start_pos[:, None] + torch.arange(T, device=x.device)  # [B, T]
             kv_cache[slots[:, None], pos] = torch.cat([c_kv, k_pe], dim=-1).to(kv_cache.dtype)
-        if prefill:
+        if packed is not None:
+            out = self._packed(q_nope, q_pe, c_kv, k_pe, packed)
+        elif prefill:
             out = self._expanded(q_nope, q_pe, c_kv, k_pe)
         else:
             out = self._absorbed(q_nope, q_pe, kv_cache, slots, start_pos)
@@ -65,6 +68,27 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, H, T, dn+dr]
         k = torch.cat([k_nope, k_pe[:, :, None].expand(B, T, H, self.dr)], dim=-1).transpose(1, 2)
         return causal_attention(q, k, v.transpose(1, 2), self.scale).transpose(1, 2)  # [B, T, H, dv]
+
+    def _packed(self, q_nope, q_pe, c_kv, k_pe, packed):
+        """The expanded form over packed rows: q_nope/q_pe [1, S, H, *] and c_kv/k_pe [1, S, *] of the S distinct
+        tokens -> [1, S, H, dv]. Two attentions: each distinct prompt's tokens over the prompt (causal), and each
+        row's continuation tokens over the whole row, its prompt included (packed.mask)."""
+        _, S, H, _ = q_nope.shape
+        kv = self.kv_b_proj(c_kv[0]).view(S, H, self.dn + self.dv)
+        k_nope, v = kv.split([self.dn, self.dv], dim=-1)
+        q = torch.cat([q_nope[0], q_pe[0]], dim=-1)  # [S, H, dn+dr]
+        k = torch.cat([k_nope, k_pe[0, :, None].expand(S, H, self.dr)], dim=-1)
+
+        def gather(t, index):  # [S, H, *] -> [n, H, len, *]
+            return t[index].transpose(1, 2)
+
+        pk = packed.prompts
+        out_p = causal_attention(gather(q, pk), gather(k, pk), gather(v, pk), self.scale)  # [P, H, Lp, dv]
+        rows = packed.rows
+        out_c = masked_attention(gather(q, packed.queries), gather(k, rows), gather(v, rows), packed.mask,
+                                 self.scale)  # [N, H, Lc, dv]
+        out = torch.cat([out_p.transpose(1, 2).reshape(-1, H, self.dv), out_c.transpose(1, 2).reshape(-1, H, self.dv)])
+        return out[packed.first][None]  # [1, S, H, dv]
 
     def _absorbed(self, q_nope, q_pe, kv_cache, slots, start_pos):
         B, T, H, _ = q_nope.shape
@@ -94,3 +118,12 @@ def causal_attention(q, k, v, scale: float, pad_v: bool = True):
         out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, dqk - dv)), is_causal=True, scale=scale)
         return out[..., :dv]
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+
+def masked_attention(q, k, v, mask, scale: float):
+    """q [B, H, Tq, d_qk], k [B, H, Tk, d_qk], v [B, H, Tk, d_v], mask [B, 1, Tq, Tk] (True = attend) ->
+    [B, H, Tq, d_v]. v is zero-padded to d_qk as in causal_attention (SDPA's fused CPU kernel takes masks too)."""
+    dqk, dv = q.shape[-1], v.shape[-1]
+    if dv < dqk:
+        return F.scaled_dot_product_attention(q, k, F.pad(v, (0, dqk - dv)), attn_mask=mask, scale=scale)[..., :dv]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

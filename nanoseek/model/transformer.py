@@ -82,13 +82,23 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, input_ids, cache=None, slots=None, start_pos=None, mtp: bool = False) -> ModelOutput:
+    def forward(self, input_ids, cache=None, slots=None, start_pos=None, mtp: bool = False, packed=None,
+                logits_for=None) -> ModelOutput:
         """input_ids [B, T]. With `cache` (a LatentCache), the tokens of row b sit at positions start_pos[b]...;
-        their latents go to slot slots[b]. Rows whose start_pos are all 0 take the expanded (prefill) form."""
+        their latents go to slot slots[b]. Rows whose start_pos are all 0 take the expanded (prefill) form.
+
+        Training-only options (nanoseek/model/packed.py): `packed` (a PackedRows): input_ids [1, S] are its
+        distinct tokens and attention runs over its rows. `logits_for` [M]: indices into the flattened [B * T]
+        positions; the head then runs on those positions only and logits are [M, vocab] (MTP not supported)."""
         B, T = input_ids.shape
         if start_pos is None:
             start_pos = torch.zeros(B, dtype=torch.long, device=input_ids.device)
-        positions = start_pos[:, None] + torch.arange(T, device=input_ids.device)  # [B, T]
+        if packed is not None:
+            if cache is not None or B != 1:
+                raise ValueError("packed rows take input_ids [1, S] (their distinct tokens) and no cache")
+            positions = packed.positions[None]  # [1, S]
+        else:
+            positions = start_pos[:, None] + torch.arange(T, device=input_ids.device)  # [B, T]
         cos, sin = rope_cos_sin(self.inv_freq, self.rope_scale, positions)
         prefill = cache is None or not bool(start_pos.any())
         x = self.model.embed_tokens(input_ids)
@@ -97,9 +107,16 @@ class Transformer(nn.Module):
         ran = [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
         for i, layer in enumerate(self.model.layers):
             kw = {} if cache is None else dict(kv_cache=cache.layer(i), slots=slots, start_pos=start_pos)
+            if packed is not None:
+                kw = dict(packed=packed)
             x = layer(x, cos, sin, prefill=prefill, **kw)
         h = self.model.norm(x)
-        out = ModelOutput(logits=self.lm_head(h), hidden=h)
+        if logits_for is not None:
+            if mtp:
+                raise ValueError("logits_for computes the main head only; call with mtp=False")
+            out = ModelOutput(logits=self.lm_head(h.reshape(B * T, -1)[logits_for]), hidden=h)  # [M, vocab]
+        else:
+            out = ModelOutput(logits=self.lm_head(h), hidden=h)
         if mtp and self.mtp:
             # Depth k: h^{k-1}_i and Emb(t_{i+k}) predict t_{i+k+1}, for i < T - k (V3 eq. 21-23).
             h_prev = h

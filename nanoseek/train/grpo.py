@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.config import ConfigError
+from nanoseek.model.packed import PackedRows, pack_rows
 from nanoseek.train import distributed as D
 from nanoseek.train.rewards import Reward
 
@@ -502,6 +503,7 @@ class MicroBatch:
     num_items: float = 0.0  # completion tokens in the whole rollout batch (dapo's denominator)
     n_micro: int = 1  # micro-batches in the optimizer step
     weight: float = 1.0  # loss multiplier that makes the micro-batches' mean equal the whole batch's loss
+    packed: PackedRows | None = None  # the same rows as distinct tokens (prompts once); None: forward over ids
 
 
 def make_micro_batches(ro: Rollout, adv: torch.Tensor, cfg: GRPOConfig, pad_id: int) -> list[MicroBatch]:
@@ -542,13 +544,31 @@ def make_micro_batches(ro: Rollout, adv: torch.Tensor, cfg: GRPOConfig, pad_id: 
             weight = n_micro * float(mask.sum()) / max(num_items, 1.0)
         else:  # dapo
             weight = float(n_micro)
+        # The forward runs over the chunk's distinct tokens: a prompt shared by rows of the chunk once, no padding.
+        packed = pack_rows([ro.prompts[i] for i in rows], [ro.completions[i] for i in rows]) \
+            if all(ro.prompts[i] for i in rows) else None
         out.append(MicroBatch(ids, mask, adv[rows], sampler_logp=sampler if have_sampler else None,
-                              num_items=num_items, n_micro=n_micro, weight=weight))
+                              num_items=num_items, n_micro=n_micro, weight=weight, packed=packed))
     return out
 
 
 def sequence_logprobs(model, mb: MicroBatch, temperature: float, with_entropy: bool = False):
-    """log π(completion tokens) [B, T] (and the entropy [B, T] when asked) from one forward of model over mb.ids."""
+    """log π(completion tokens) [B, T] (and the entropy [B, T] when asked) from one forward of model over mb.ids.
+
+    With mb.packed the forward runs over the distinct tokens only and the head over the M positions that predict
+    a completion token (nanoseek/model/packed.py): the same numbers, placed at mask's positions, zeros elsewhere.
+    """
+    if mb.packed is not None:
+        dev = _device(model)
+        p, mask = mb.packed.to(dev), mb.mask.to(dev) > 0
+        logits = model(p.ids[None], packed=p, logits_for=p.rows[:, :-1][mask]).logits  # [M, V]
+        logp = token_logprobs(logits, mb.ids[:, 1:].to(dev)[mask], temperature)  # [M]
+        logp = logp.new_zeros(mask.shape).masked_scatter(mask, logp)  # [B, T]
+        ent = None
+        if with_entropy:
+            with torch.no_grad():
+                ent = logp.new_zeros(mask.shape).masked_scatter(mask, token_entropy(logits.detach(), temperature))
+        return logp, ent
     logits = model(mb.ids[:, :-1].to(_device(model))).logits  # [B, T, V]
     logp = token_logprobs(logits, mb.ids[:, 1:].to(logits.device), temperature)
     ent = None
