@@ -5,8 +5,11 @@ self-speculation against plain decoding at batch 1 (acceptance rate, speedup). E
     python bench/decode.py                          # a random model of --preset cpu-tiny
     python bench/decode.py --model runs/x/base      # a trained checkpoint (MTP acceptance means something here)
 
-Run it on a quiet machine (`uptime`): the figures are wall-clock. Both sides use the same torch thread count
-(--threads, default 1: at this size a step is dispatch overhead, and a second thread only adds synchronisation).
+Run it on a quiet machine (`uptime`): the figures are wall-clock, the two arms' repeats interleaved (so a load
+that comes and goes hits both) and each arm's median taken; the JSON also gives each arm's CPU time (thread time
+of this process, which other processes on a shared machine disturb less) and the load average before and after.
+Both sides use the same torch thread count (--threads, default 1: at this size a step is dispatch overhead, and a
+second thread only adds synchronisation).
 A random model's MTP head rarely agrees with its main head, so speculation only pays on a trained checkpoint.
 """
 
@@ -33,14 +36,17 @@ from nanoseek.infer.sampling import SamplingParams  # noqa: E402
 from nanoseek.model.transformer import Transformer  # noqa: E402
 
 
-def timed(fn, repeats: int):
-    """Median wall time of `repeats` calls (after the caller's warm-up) and the last result."""
-    times, out = [], None
+def timed(arms, repeats: int):
+    """arms: {name: fn}. Calls the arms in turn `repeats` times (after the caller's warm-up); returns {name: (median
+    wall seconds, median CPU seconds of this thread, last result)}."""
+    wall, cpu, out = {k: [] for k in arms}, {k: [] for k in arms}, {}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+        for k, fn in arms.items():
+            t0, c0 = time.perf_counter(), time.thread_time()
+            out[k] = fn()
+            cpu[k].append(time.thread_time() - c0)
+            wall[k].append(time.perf_counter() - t0)
+    return {k: (statistics.median(wall[k]), statistics.median(cpu[k]), out[k]) for k in arms}
 
 
 def main(argv=None) -> int:
@@ -52,7 +58,7 @@ def main(argv=None) -> int:
     p.add_argument("--gen-len", type=int, default=128)
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dtype", default="float32", help="engine dtype (HF runs fp32)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -77,7 +83,7 @@ def main(argv=None) -> int:
 
     g = torch.Generator().manual_seed(args.seed)
     result = dict(bench="decode", model=source, prompt_len=args.prompt_len, gen_len=args.gen_len,
-                  threads=args.threads, dtype=args.dtype)
+                  threads=args.threads, dtype=args.dtype, load_before=[round(x, 2) for x in os.getloadavg()])
     greedy = SamplingParams(max_tokens=args.gen_len, temperature=0, ignore_eos=True)
     max_len = args.prompt_len + args.gen_len + 1
     for B in [int(b) for b in args.batch_sizes.split(",")]:
@@ -92,15 +98,17 @@ def main(argv=None) -> int:
                 return engine.generate(prompts.tolist(), greedy)
 
             run_hf(), run_ns()  # warm-up
-            t_hf, out_hf = timed(run_hf, args.repeats)
-            t_ns, out_ns = timed(run_ns, args.repeats)
+            res = timed(dict(hf=run_hf, ns=run_ns), args.repeats)
+        (t_hf, c_hf, out_hf), (t_ns, c_ns, out_ns) = res["hf"], res["ns"]
         ns_tokens = [g_[0].token_ids for g_ in out_ns]
         same = sum(a == b for a, b in zip(ns_tokens, out_hf.tolist()))
         tps_hf, tps_ns = B * args.gen_len / t_hf, B * args.gen_len / t_ns
         result[f"b{B}"] = dict(hf_tok_s=round(tps_hf, 1), nanoseek_tok_s=round(tps_ns, 1),
-                               speedup=round(tps_ns / tps_hf, 2), identical_sequences=f"{same}/{B}")
+                               speedup=round(tps_ns / tps_hf, 2), cpu_speedup=round(c_hf / c_ns, 2),
+                               identical_sequences=f"{same}/{B}")
         print(f"batch {B}: transformers {tps_hf:8.1f} tok/s   nanoseek {tps_ns:8.1f} tok/s   "
-              f"x{tps_ns / tps_hf:.2f}   identical greedy sequences {same}/{B}", file=sys.stderr)
+              f"x{tps_ns / tps_hf:.2f} (CPU time x{c_hf / c_ns:.2f})   identical greedy sequences {same}/{B}",
+              file=sys.stderr)
 
     # MTP self-speculation vs plain greedy, batch 1
     if getattr(model, "mtp", None):
@@ -113,16 +121,18 @@ def main(argv=None) -> int:
 
         run_all(plain), run_all(spec)  # warm-up
         spec.spec_drafted = spec.spec_accepted = 0
-        t_plain, out_plain = timed(lambda: run_all(plain), args.repeats)
-        t_spec, out_spec = timed(lambda: run_all(spec), args.repeats)
+        res = timed(dict(plain=lambda: run_all(plain), spec=lambda: run_all(spec)), args.repeats)
+        (t_plain, c_plain, out_plain), (t_spec, c_spec, out_spec) = res["plain"], res["spec"]
         acc = spec.spec_accepted / max(spec.spec_drafted, 1)
         n_tok = len(prompts) * args.gen_len
         result["mtp_b1"] = dict(plain_tok_s=round(n_tok / t_plain, 1), spec_tok_s=round(n_tok / t_spec, 1),
-                                speedup=round(t_plain / t_spec, 2), acceptance=round(acc, 3),
-                                identical=out_plain == out_spec)
+                                speedup=round(t_plain / t_spec, 2), cpu_speedup=round(c_plain / c_spec, 2),
+                                acceptance=round(acc, 3), identical=out_plain == out_spec)
         print(f"MTP speculation, batch 1: plain {n_tok / t_plain:8.1f} tok/s   speculative {n_tok / t_spec:8.1f} "
-              f"tok/s   x{t_plain / t_spec:.2f}   acceptance {acc:.1%}   identical {out_plain == out_spec}"
+              f"tok/s   x{t_plain / t_spec:.2f} (CPU time x{c_plain / c_spec:.2f})   acceptance {acc:.1%}   "
+              f"identical {out_plain == out_spec}"
               + ("   (random model: low acceptance expected)" if not args.model else ""), file=sys.stderr)
+    result["load_after"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(result))
     return 0
 
