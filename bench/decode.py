@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dtype", default="float32", help="engine dtype (HF runs fp32)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--spec-drafts", type=int, default=1, help="MTP drafts per verify (engine.spec_drafts: 1 or 2)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     import transformers
@@ -114,20 +115,25 @@ def main(argv=None) -> int:
     if getattr(model, "mtp", None):
         prompts = torch.randint(0, cfg.vocab_size, (4, args.prompt_len), generator=g).tolist()
         plain = Engine(model, None, EngineConfig(max_batch=1, max_model_len=max_len, dtype=args.dtype))
-        spec = Engine(model, None, EngineConfig(max_batch=1, max_model_len=max_len, dtype=args.dtype, speculative=True))
+        spec = Engine(model, None, EngineConfig(max_batch=1, max_model_len=max_len, dtype=args.dtype, speculative=True,
+                                                spec_drafts=args.spec_drafts))
 
         def run_all(e):
             return [e.generate([q], greedy)[0][0].token_ids for q in prompts]
 
         run_all(plain), run_all(spec)  # warm-up
-        spec.spec_drafted = spec.spec_accepted = 0
+        spec.spec_drafted_by_depth = [0] * args.spec_drafts
+        spec.spec_accepted_by_depth = [0] * args.spec_drafts
         res = timed(dict(plain=lambda: run_all(plain), spec=lambda: run_all(spec)), args.repeats)
         (t_plain, c_plain, out_plain), (t_spec, c_spec, out_spec) = res["plain"], res["spec"]
-        acc = spec.spec_accepted / max(spec.spec_drafted, 1)
+        by_depth = [a / max(d, 1) for a, d in zip(spec.spec_accepted_by_depth, spec.spec_drafted_by_depth)]
+        acc = by_depth[0]  # of the first draft (V3's MTP acceptance); deeper chained drafts are listed apart
         n_tok = len(prompts) * args.gen_len
         result["mtp_b1"] = dict(plain_tok_s=round(n_tok / t_plain, 1), spec_tok_s=round(n_tok / t_spec, 1),
                                 speedup=round(t_plain / t_spec, 2), cpu_speedup=round(c_plain / c_spec, 2),
-                                acceptance=round(acc, 3), identical=out_plain == out_spec)
+                                acceptance=round(acc, 3), identical=out_plain == out_spec, drafts=args.spec_drafts)
+        if args.spec_drafts > 1:
+            result["mtp_b1"]["acceptance_by_depth"] = [round(a, 3) for a in by_depth]
         print(f"MTP speculation, batch 1: plain {n_tok / t_plain:8.1f} tok/s   speculative {n_tok / t_spec:8.1f} "
               f"tok/s   x{t_plain / t_spec:.2f} (CPU time x{c_plain / c_spec:.2f})   acceptance {acc:.1%}   "
               f"identical {out_plain == out_spec}"

@@ -29,60 +29,67 @@ def _greedy(model, prompts, max_tokens, **kw):
     return [g[0].token_ids for g in e.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0, **kw))]
 
 
-def _speculative(model, prompt, max_tokens, oracle=None, every=1, **kw):
+def _speculative(model, prompt, max_tokens, oracle=None, every=1, drafts=1, **kw):
     """Speculative greedy of one prompt; with `oracle` (the plain greedy tokens) the MTP drafts are replaced by the
-    true token after next on every `every`-th draft (others are left as the MTP head made them)."""
-    e = Engine(model, None, EngineConfig(max_batch=4, max_model_len=96, threads=1, speculative=True))
+    true token they guess on every `every`-th MTP call (others are left as the MTP head made them)."""
+    e = Engine(model, None, EngineConfig(max_batch=4, max_model_len=96, threads=1, speculative=True,
+                                         spec_drafts=drafts))
     if oracle is not None:
         seq_all = prompt + oracle
         real_mtp = e.runner.mtp
         calls = [0]
 
         def mtp(h_prev, next_ids, slots, start_pos, S, **kw):
-            logits = real_mtp(h_prev, next_ids, slots, start_pos, S, **kw)
+            out = real_mtp(h_prev, next_ids, slots, start_pos, S, **kw)
+            logits = out[0] if isinstance(out, tuple) else out
             calls[0] += 1
             j = int(start_pos[0]) + next_ids.shape[1] + 1  # the position the last row's logits predict
             if calls[0] % every == 0 and j < len(seq_all):
                 logits[0, -1] = -1e9
                 logits[0, -1, seq_all[j]] = 1e9
-            return logits
+            return out
 
         e.runner.mtp = mtp
     c = e.generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0, **kw))[0][0]
     return c, e
 
 
+@pytest.mark.parametrize("drafts", [1, 2])
 @pytest.mark.parametrize("variant", ["q_lora", "no_interleave_all_moe"])
-def test_speculative_equals_greedy(variant):
+def test_speculative_equals_greedy(variant, drafts):
     m = _model(**VARIANTS[variant])
     ref = _greedy(m, PROMPTS, 24)
     for p, r in zip(PROMPTS[:3], ref):
-        c, e = _speculative(m, p, 24)
+        c, e = _speculative(m, p, 24, drafts=drafts)
         assert c.token_ids == r
         assert e.spec_drafted > 0  # the speculative path ran
-        # oracle drafts: every draft is accepted, two tokens per verify
-        c, e = _speculative(m, p, 24, oracle=r)
+        # oracle drafts: every draft is accepted, drafts + 1 tokens per verify
+        c, e = _speculative(m, p, 24, oracle=r, drafts=drafts)
         assert c.token_ids == r
-        assert e.spec_accepted == e.spec_drafted > 0 and e.spec_drafted <= 13
-        # every other draft right: accept and reject branches interleave
-        c, e = _speculative(m, p, 24, oracle=r, every=2)
-        assert c.token_ids == r
-        assert 0 < e.spec_accepted < e.spec_drafted
+        steps = e.spec_drafted // drafts
+        assert e.spec_accepted == e.spec_drafted > 0 and steps <= -(-23 // (drafts + 1)) + 1
+        assert e.spec_drafted_by_depth == [steps] * drafts
+        # some MTP calls right, some wrong: accept and reject branches (at every depth) interleave
+        for every in (2, 3) if drafts == 1 else (3, 5):  # (with 2 drafts, MTP calls alternate first/chained)
+            c, e = _speculative(m, p, 24, oracle=r, every=every, drafts=drafts)
+            assert c.token_ids == r
+            assert 0 < e.spec_accepted < e.spec_drafted
 
 
-def test_speculative_stops_and_logprobs():
+@pytest.mark.parametrize("drafts", [1, 2])
+def test_speculative_stops_and_logprobs(drafts):
     m = _model(seed=2)
     p = PROMPTS[1]
     ref = _greedy(m, [p], 20)[0]
     stop = ref[7]
-    c, _ = _speculative(m, p, 20, oracle=ref, stop_token_ids=[stop], logprobs=True)
+    c, _ = _speculative(m, p, 20, oracle=ref, stop_token_ids=[stop], logprobs=True, drafts=drafts)
     assert c.token_ids == ref[: ref.index(stop) + 1] and c.finish_reason == "stop"
     with torch.no_grad():
         full = m(torch.tensor([p + c.token_ids])).logits[0, len(p) - 1 : -1].log_softmax(-1)
     ref_lp = full.gather(1, torch.tensor(c.token_ids)[:, None])[:, 0]
     assert (torch.tensor(c.logprobs) - ref_lp).abs().max().item() <= 1e-4
     # max_tokens cuts an accepted pair in half
-    c, _ = _speculative(m, p, 5, oracle=ref)
+    c, _ = _speculative(m, p, 5, oracle=ref, drafts=drafts)
     assert c.token_ids == ref[:5] and c.finish_reason == "length"
 
 

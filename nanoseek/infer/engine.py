@@ -51,6 +51,9 @@ class EngineConfig:
     max_model_len: int = 1024  # prompt + completion (clamped to the model's max_position_embeddings)
     dtype: str = "float32"  # "bfloat16": decode with a bf16 copy of the weights and a bf16 cache
     speculative: bool = False  # MTP self-speculation when a single greedy sequence runs (batch-1 greedy path)
+    # drafts per verify: 1 = V3's MTP (the module guesses the token after next); 2 = the module chained on its own
+    # output for one more guess (verified together in one forward; see infer/speculative.py)
+    spec_drafts: int = 1
     # torch threads while the engine steps (restored after). 1 suits small models: a decode step is op dispatch,
     # and a second thread only adds synchronisation (on a busy 2-core machine, 100x slower). 0 = torch's setting.
     threads: int = 1
@@ -64,6 +67,8 @@ class EngineConfig:
             raise ConfigError(f"engine.dtype: {self.dtype!r} is not one of float32, bfloat16, float16")
         if self.threads < 0:
             raise ConfigError(f"engine.threads: must be >= 0, got {self.threads}")
+        if self.spec_drafts not in (1, 2):
+            raise ConfigError(f"engine.spec_drafts: must be 1 or 2, got {self.spec_drafts!r}")
 
 
 @dataclass
@@ -145,8 +150,9 @@ class Engine:
             raise EngineError("engine.speculative needs the model's MTP module, and this model has none "
                               "(num_nextn_predict_layers = 0, or loaded with mtp=False); turn speculative off")
         dtype = getattr(torch, config.dtype)
-        # +1 position: a speculative verify writes the draft's latent one past the last real token
-        self.cache = LatentCache(cfg, config.max_batch, self.max_model_len + 1, dtype=dtype, mtp=config.speculative)
+        # +spec_drafts positions: a speculative verify writes the drafts' latents past the last real token
+        self.cache = LatentCache(cfg, config.max_batch, self.max_model_len + config.spec_drafts, dtype=dtype,
+                                 mtp=config.speculative)
         self.runner = Runner(model, self.cache, dtype=dtype)
         self.eos_id = _eos_id(tokenizer)
         self._ids = itertools.count()
@@ -156,7 +162,9 @@ class Engine:
         self._running: list[Sequence] = []
         self._pending: list[StepOutput] = []  # abort outputs, returned by the next step
         self._batch: tuple | None = None  # cached (slots, BatchSampling) of the running batch
-        self.spec_drafted = self.spec_accepted = 0
+        self.spec_drafted = self.spec_accepted = 0  # all drafts
+        self.spec_drafted_by_depth = [0] * config.spec_drafts  # [i]: drafts of depth i+1 (acceptance per depth)
+        self.spec_accepted_by_depth = [0] * config.spec_drafts
 
     # ---- requests -----------------------------------------------------------------------------------------
     def add_request(self, prompt_ids, params: SamplingParams | None = None, request_id: str | None = None,
@@ -289,7 +297,7 @@ class Engine:
         alone = len(reqs) == 1 and not self._running and len(reqs[0].seqs) == 1
         if self.config.speculative and alone and reqs[0].params.greedy:
             seqs[0].spec = speculative.mtp_prefill(self.runner, hidden[0].to(self.runner.dtype), reqs[0].prompt,
-                                                   tokens[0], seqs[0].slot)
+                                                   tokens[0], seqs[0].slot, self.config.spec_drafts)
         elif self._running:
             for s in self._running:
                 s.spec = None  # others joined: its MTP cache would fall behind, decode it plainly from now on
@@ -303,10 +311,12 @@ class Engine:
             return
         if len(seqs) == 1 and seqs[0].spec is not None and len(self._running) == 1:
             seq = seqs[0]
-            n_before = (seq.spec.drafted, seq.spec.accepted)
+            before = (list(seq.spec.drafted), list(seq.spec.accepted))
             tokens, lp = speculative.spec_step(self.runner, seq.spec, seq.slot, seq.logprobs is not None)
-            self.spec_drafted += seq.spec.drafted - n_before[0]
-            self.spec_accepted += seq.spec.accepted - n_before[1]
+            for i in range(len(before[0])):
+                self.spec_drafted_by_depth[i] += seq.spec.drafted[i] - before[0][i]
+                self.spec_accepted_by_depth[i] += seq.spec.accepted[i] - before[1][i]
+            self.spec_drafted, self.spec_accepted = sum(self.spec_drafted_by_depth), sum(self.spec_accepted_by_depth)
             self._append(seq, tokens, lp, outs)
             return
         key = [id(s) for s in seqs]

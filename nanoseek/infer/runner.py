@@ -88,7 +88,8 @@ class Runner:
             # spreading matrix, the MTP module's final norm into its copy of the shared head
             G, eps, GT = _group_norm_mats([(d, mod.enorm.weight, mod.enorm.eps), (d, mod.hnorm.weight, mod.hnorm.eps)])
             w["mtp"] = dict(G=c(G), eps=c(eps), GT=c(GT), eh=c(mod.eh_proj.weight),
-                            head=c(head * mod.norm.weight.float()), norm_eps=torch.tensor([mod.norm.eps], dtype=dt))
+                            head=c(head * mod.norm.weight.float()), norm_eps=torch.tensor([mod.norm.eps], dtype=dt),
+                            norm=c(mod.norm.weight))
         return w
 
     def _rope_matrices(self) -> torch.Tensor:
@@ -185,12 +186,13 @@ class Runner:
         Returns (logits [B, T, V] fp32, hidden [B, T, d])."""
         return self._decode_impl(input_ids, slots, start_pos, S)
 
-    def mtp(self, h_prev, next_ids, slots, start_pos, S: int, last_only: bool = False):
+    def mtp(self, h_prev, next_ids, slots, start_pos, S: int, last_only: bool = False, return_hidden: bool = False):
         """MTP module 1 over its cache layer: h_prev [B, T, d] (main hidden at positions start_pos..), next_ids
         [B, T] (the tokens one ahead). Returns logits [B, T, V] (fp32) of the tokens two ahead; with last_only,
         [B, 1, V] of the last position only (the others' cache rows are still written: a draft needs only the
-        last position's logits, so attention output, MoE and head run for one row)."""
-        return self._mtp_impl(h_prev, next_ids, slots, start_pos, S, last_only)
+        last position's logits, so attention output, MoE and head run for one row). With return_hidden, also the
+        module's hidden state after its final norm (what its head reads; chained drafting feeds it back as h_prev)."""
+        return self._mtp_impl(h_prev, next_ids, slots, start_pos, S, last_only, return_hidden)
 
     # ---- implementation ------------------------------------------------------------------------------------
     def _step_context(self, slots, start_pos, T: int, S: int) -> dict:
@@ -230,7 +232,7 @@ class Runner:
         # the hidden state MTP reads is the model's: after the final norm, its weight included
         return _cast(F.linear(h, w["head"]), torch.float32).view(B, T, -1), (h * w["norm"]).view(B, T, -1)
 
-    def _mtp_impl(self, h_prev, next_ids, slots, start_pos, S: int, last_only: bool = False):
+    def _mtp_impl(self, h_prev, next_ids, slots, start_pos, S: int, last_only=False, return_hidden=False):
         w = self.w
         mw = w["mtp"]
         ctx = self._step_context(slots, start_pos, next_ids.shape[1], S)
@@ -240,8 +242,9 @@ class Runner:
         eh = torch.cat([emb, _cast(h_prev.reshape(B * T, -1), emb.dtype)], -1)  # [N, 2d]
         h = F.linear(eh * _group_factor(eh, mw["G"], mw["eps"], mw["GT"]), mw["eh"])
         h = self._block(w["blocks"][self.L], self.L, h, ctx, last_only)
-        logits = F.linear(h * _rms_factor(h, w["mean_col"], mw["norm_eps"]), mw["head"])
-        return _cast(logits, torch.float32).view(B, 1 if last_only else T, -1)
+        h = h * _rms_factor(h, w["mean_col"], mw["norm_eps"])  # its norm's weight is folded into the head copy
+        logits = _cast(F.linear(h, mw["head"]), torch.float32).view(B, 1 if last_only else T, -1)
+        return (logits, (h * mw["norm"]).view(B, logits.shape[1], -1)) if return_hidden else logits
 
     def _block(self, b, layer, x, ctx, last_only: bool = False):
         """x [N, d] -> [N, d] (last_only: [B, d], the last position of each row; every row's latent is cached)."""
