@@ -345,3 +345,33 @@ def test_folded_weights_rederived_only_when_parameters_change(model):
         model.model.layers[0].input_layernorm.weight.add_(0.0)  # bumps its version, as an optimizer step does
     e.generate(_prompts(2), params)
     assert e.runner.w is not w
+
+
+def test_running_sequences_stay_in_contiguous_slots(model):
+    """Sequences that end at different steps (different max_tokens, a group of n=2, an abort) leave holes; the
+    engine moves the sequence in the highest slot into each hole, so the running slots are always 0..B-1 (the
+    decode step reads them as views of the pool), and every token is still the full forward's argmax."""
+    engine = Engine(model, None, EngineConfig(max_batch=5, max_model_len=64, threads=1))
+    prompts = _prompts(7, seed=5)
+    rids = [engine.add_request(p, SamplingParams(max_tokens=3 + 2 * i, temperature=0, n=1 + (i == 2)))
+            for i, p in enumerate(prompts)]
+    got = {(r, i): [] for r in rids for i in range(2)}
+    moved, step = False, 0
+    while engine.has_unfinished():
+        if step == 4:
+            engine.abort(rids[3])
+        before = {id(s): s.slot for s in engine._running}
+        for out in engine.step():
+            got[out.request_id, out.index] += out.token_ids
+        slots = [s.slot for s in engine._running]
+        assert slots == list(range(len(slots))), slots
+        moved |= any(before.get(id(s), s.slot) != s.slot for s in engine._running)
+        step += 1
+    assert moved  # some sequence was moved to a lower slot
+    for i, (rid, p) in enumerate(zip(rids, prompts)):
+        for j in range(1 + (i == 2)):
+            toks = got[rid, j]
+            if i != 3:
+                assert len(toks) == 3 + 2 * i
+            assert toks == _full_logits(model, p, toks).argmax(-1).tolist()
+    assert engine.stats()["slots_used"] == 0

@@ -32,6 +32,7 @@ class LatentCache:
 
     # ---- slot allocation -------------------------------------------------------------------------------------
     def alloc(self) -> int:
+        """The lowest free slot (so the slots in use stay one range when the engine compacts them)."""
         if not self._free:
             raise CacheFullError(f"all {self.n_slots} cache slots are in use")
         return self._free.pop()
@@ -40,6 +41,15 @@ class LatentCache:
         if slot in self._free or not 0 <= slot < self.n_slots:
             raise ValueError(f"slot {slot} is not allocated")
         self._free.append(slot)
+        self._free.sort(reverse=True)  # popped from the end: lowest first
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Move an allocated slot's first `length` positions (every layer) to the free slot `dst`; `src` is freed."""
+        if dst not in self._free or src in self._free or not 0 <= src < self.n_slots:
+            raise ValueError(f"cannot move slot {src} to {dst}: {src} must be allocated and {dst} free")
+        self.buf[:, dst, :length] = self.buf[:, src, :length]
+        self._free.remove(dst)
+        self.free(src)
 
     @property
     def used(self) -> int:

@@ -375,12 +375,28 @@ class Engine:
                                None if seq.logprobs is None else list(logprobs or [])[: len(new)]))
 
     def _release(self, seq: Sequence) -> None:
-        if seq.slot >= 0:
-            self.cache.free(seq.slot)
-            seq.slot = -1
         if seq in self._running:
             self._running.remove(seq)
             self._batch = None
+        if seq.slot >= 0:
+            hole, seq.slot = seq.slot, -1
+            self.cache.free(hole)
+            self._compact(hole)
+
+    def _compact(self, hole: int) -> None:
+        """Keep the running sequences in the lowest slots, one contiguous range (the decode step then reads the pool
+        as views instead of gathering each sequence's rows in every layer, 25% of a 32-sequence step): the running
+        sequence in the highest slot moves into the freed one (one copy of its cached rows, once per finish)."""
+        if not self._running:
+            return
+        top = max(self._running, key=lambda s: s.slot)
+        if top.slot < hole or top.spec is not None:  # (a speculating sequence runs alone, in the lowest slot)
+            return
+        # its cached positions: up to its last token's, which this step's decode may already have written
+        self.cache.move(top.slot, hole, min(self.cache.max_len, top.pos + 2))
+        top.slot = hole
+        self._running.sort(key=lambda s: s.slot)
+        self._batch = None
 
     def _text_ids(self, seq: Sequence) -> list[int]:
         toks = seq.tokens
