@@ -116,3 +116,32 @@ def test_grpo_loss_packed_equals_padded(loss_type, micro):
     assert any(s["clip_low"] > 0 or s["clip_high"] > 0 for s in s_packed)
     for n in g_padded:
         torch.testing.assert_close(g_packed[n], g_padded[n], atol=1e-5, rtol=1e-4, msg=lambda s, n=n: f"{n}: {s}")
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
+def test_whole_group_chunks_give_the_whole_batch_gradient(loss_type):
+    """micro_batch_size a multiple of G: chunks hold whole groups (each prompt packed once per step), and the
+    shared loop's mean over them is still the whole batch's gradient."""
+    m = model()
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, V, (n,), generator=g).tolist() for n in (2, 4, 3, 1)]
+    prompts = [p for p in prompts for _ in range(3)]  # 4 groups of G = 3
+    comps = [torch.randint(3, V, (int(n),), generator=g).tolist() for n in torch.randint(1, 9, (12,), generator=g)]
+    ro = Rollout(prompts, comps, [{}] * 12, [""] * 12, [], [False] * 12)
+    adv = group_advantages(torch.rand(12, generator=g), 3)
+
+    def grads(micro):
+        cfg = GRPOConfig(num_generations=3, loss_type=loss_type, beta=0.0, micro_batch_size=micro,
+                         max_completion_length=8)
+        mbs = make_micro_batches(ro, adv, cfg, pad_id=2)
+        m.zero_grad(set_to_none=True)
+        fn = grpo.grpo_loss_fn(cfg)
+        for mb in mbs:
+            (fn(m, mb)[0] / len(mbs)).backward()
+        return mbs, [q.grad.clone() for q in m.parameters() if q.grad is not None]
+
+    mbs, split = grads(6)
+    assert [len(mb.packed.prompts) for mb in mbs] == [2, 2]  # two whole groups per chunk: two distinct prompts
+    _, whole = grads(0)
+    for a, b in zip(whole, split):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -510,17 +510,26 @@ def make_micro_batches(ro: Rollout, adv: torch.Tensor, cfg: GRPOConfig, pad_id: 
     """Rows = prompt + completion, right-padded (causal attention never looks right, so padding is harmless);
     the loss mask marks the completion tokens.
 
-    With micro_batch_size, rows are sorted by length before chunking (one long truncated completion then pads only
-    its own chunk), and each chunk gets the weight that makes the shared loop's mean over micro-batches equal the
-    loss of the whole batch in one piece, for every loss_type:
+    Each chunk's forward runs over its distinct tokens (MicroBatch.packed): a prompt its rows share runs once, and
+    nothing is padded but attention's rows. With micro_batch_size a multiple of G, chunks hold whole groups (each
+    prompt then runs once per step), groups sorted by their longest row (rows are padded to the chunk's longest in
+    attention only); otherwise rows are sorted by length before chunking. Each chunk gets the weight that makes the
+    shared loop's mean over micro-batches equal the loss of the whole batch in one piece, for every loss_type:
         grpo, dr_grpo   n_micro · rows/N          (per-sequence terms, averaged over the N sequences)
         bnpo            n_micro · tokens/total    (token-level over the batch)
         dapo            n_micro                   (already divided by num_items, the batch's token count)
     """
     N = len(ro)
     size = cfg.micro_batch_size or N
-    order = sorted(range(N), key=lambda i: len(ro.prompts[i]) + len(ro.completions[i])) if size < N else \
-        list(range(N))
+    G = cfg.num_generations
+    length = [len(p) + len(c) for p, c in zip(ro.prompts, ro.completions)]
+    if size >= N:
+        order = list(range(N))
+    elif size % G == 0 and N % G == 0:  # whole groups per chunk: each prompt is then run once (packed rows)
+        groups = sorted(range(N // G), key=lambda g: max(length[g * G: g * G + G]))
+        order = [g * G + j for g in groups for j in range(G)]
+    else:
+        order = sorted(range(N), key=lambda i: length[i])
     chunks = [order[s: s + size] for s in range(0, N, size)]
     num_items = float(sum(len(c) for c in ro.completions))
     out = []
