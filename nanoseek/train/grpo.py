@@ -86,6 +86,9 @@ class GRPOConfig:
     # --- the loop (nanoseek rl)
     zero_steps: int | None = None  # steps of `nanoseek rl --zero` (R1-Zero); None: steps
     student_steps: int | None = None  # steps of `nanoseek rl --student` (the RL-only student arm); None: steps
+    # `rl --zero` only: {field = value, ...} replacing this section's fields (R1-Zero starts from the base model, R1
+    # from the SFT model, so their best lr / temperature / batch differ); see stage_config.
+    zero: dict = field(default_factory=dict)
     tasks: list[str] = field(default_factory=list)  # training tasks; [] = the data section's tasks
     max_sample_rounds: int = 3  # dynamic sampling: rollout rounds per step before topping up with flat groups
     dtype: str = "bf16"  # autocast dtype of the policy forward/backward (weights and AdamW state stay fp32)
@@ -758,7 +761,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="input model directory (HF format + tokenizer files)")
     p.add_argument("--out", required=True, help="stage directory: metrics.jsonl, checkpoints/, model/")
     p.add_argument("--zero", action="store_true",
-                   help="R1-Zero: GRPO straight from the base model with the R1 template (uses rl.zero_steps)")
+                   help="R1-Zero: GRPO from the base model with the R1 template (uses rl.zero_steps and rl.zero)")
     p.add_argument("--student", action="store_true",
                    help="the RL-only student arm: GRPO on the student base (uses rl.student_steps)")
     p.add_argument("--preset", default="cpu-tiny", help="preset name or .toml path (default: cpu-tiny)")
@@ -767,14 +770,30 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
 
 
+def stage_config(preset, stage: str) -> GRPOConfig:
+    """The [rl] section as `stage` (zero | rl | student_rl) uses it: for zero, the fields in rl.zero replace the
+    section's own (built together, so e.g. a loss_type there also picks that loss type's defaults)."""
+    from nanoseek.config import build
+
+    raw = dict(preset.raw.get("rl", {}))
+    over = raw.pop("zero", {})
+    if not isinstance(over, dict):
+        raise ConfigError(f"rl.zero must be a table of [rl] fields, e.g. zero = {{ lr = 1e-4 }}; got {over!r}")
+    if stage != "zero" or not over:
+        return preset.section("rl")
+    if "zero" in over:
+        raise ConfigError("rl.zero cannot hold another 'zero' table; list the [rl] fields R1-Zero changes")
+    return build(GRPOConfig, {**raw, **over}, f"[rl] with its zero overrides of {preset.path or 'defaults'}")
+
+
 def run(args) -> int:
     from nanoseek.config import load_preset
 
     if args.zero and args.student:
         raise ConfigError("--zero and --student are two different stages; pass one of them")
     preset = load_preset(args.preset, args.set)
-    cfg: GRPOConfig = preset.section("rl")
     stage = "zero" if args.zero else "student_rl" if args.student else "rl"
+    cfg: GRPOConfig = stage_config(preset, stage)
     steps = (cfg.zero_steps if args.zero else cfg.student_steps if args.student else None) or cfg.steps
     engine_cfg = preset.section("engine")
     engine_cfg.dtype = cfg.engine_dtype
