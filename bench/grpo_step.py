@@ -10,7 +10,10 @@ What one step is, on both sides: sample G completions for each of prompts_per_st
 through the chat template; TRL renders it from the tokenizer's Jinja template, which gives the same ids), score
 them with nanoseek's rule rewards (TRL calls them as its reward function), group advantages, one optimizer step
 (μ = 1) over the batch in micro-batches of rl.micro_batch_size completions (TRL: gradient accumulation over the
-same micro-batch size; nanoseek also sorts them by length, its own choice; 0 = the whole batch at once).
+same micro-batch size; 0 = the whole batch at once). How each side runs a micro-batch is its own choice: TRL
+left-pads prompts and right-pads completions; nanoseek puts whole groups in a micro-batch and runs its forward over
+the distinct tokens (each prompt once, no padding outside attention; nanoseek/model/packed.py), which gives the
+same loss and gradients (tests/test_packed.py).
 
 Each side runs --warmup steps first; the figure is the mean of the next --steps steps, each timed end to end
 (nanoseek: between the progress lines `train` logs after every step; TRL: between consecutive `on_step_end`

@@ -72,23 +72,30 @@ class MLA(nn.Module):
     def _packed(self, q_nope, q_pe, c_kv, k_pe, packed):
         """The expanded form over packed rows: q_nope/q_pe [1, S, H, *] and c_kv/k_pe [1, S, *] of the S distinct
         tokens -> [1, S, H, dv]. Two attentions: each distinct prompt's tokens over the prompt (causal), and each
-        row's continuation tokens over the whole row, its prompt included (packed.mask)."""
+        row's continuation tokens over the whole row, its prompt included (packed.mask; SDPA's fused CPU kernel
+        takes masks too)."""
         _, S, H, _ = q_nope.shape
         kv = self.kv_b_proj(c_kv[0]).view(S, H, self.dn + self.dv)
         k_nope, v = kv.split([self.dn, self.dv], dim=-1)
         q = torch.cat([q_nope[0], q_pe[0]], dim=-1)  # [S, H, dn+dr]
         k = torch.cat([k_nope, k_pe[0, :, None].expand(S, H, self.dr)], dim=-1)
 
-        def gather(t, index):  # [S, H, *] -> [n, H, len, *]
-            return t[index].transpose(1, 2)
+        # v padded with zero columns to q/k's width once here, not after gathering (see causal_attention)
+        if self.dv < q.shape[-1]:
+            v = F.pad(v, (0, q.shape[-1] - self.dv))
+        w = v.shape[-1]
 
-        pk = packed.prompts
-        out_p = causal_attention(gather(q, pk), gather(k, pk), gather(v, pk), self.scale)  # [P, H, Lp, dv]
-        rows = packed.rows
-        out_c = masked_attention(gather(q, packed.queries), gather(k, rows), gather(v, rows), packed.mask,
-                                 self.scale)  # [N, H, Lc, dv]
-        out = torch.cat([out_p.transpose(1, 2).reshape(-1, H, self.dv), out_c.transpose(1, 2).reshape(-1, H, self.dv)])
-        return out[packed.first][None]  # [1, S, H, dv]
+        def gather(t, index):  # [S, H, *] -> [n, H, len, *]
+            return t.index_select(0, index.reshape(-1)).view(*index.shape, *t.shape[1:]).transpose(1, 2)
+
+        pk, rows = packed.prompts, packed.rows
+        out_p = F.scaled_dot_product_attention(gather(q, pk), gather(k, pk), gather(v, pk), is_causal=True,
+                                               scale=self.scale)  # [P, H, Lp, w]
+        out_c = F.scaled_dot_product_attention(gather(q, packed.queries), gather(k, rows), gather(v, rows),
+                                               attn_mask=packed.mask, scale=self.scale)  # [N, H, Lc, w]
+        out = torch.cat([out_p.transpose(1, 2).reshape(-1, H, w), out_c.transpose(1, 2).reshape(-1, H, w)])
+        out = out.index_select(0, packed.first)[..., : self.dv]
+        return out[None]  # [1, S, H, dv]
 
     def _absorbed(self, q_nope, q_pe, kv_cache, slots, start_pos):
         B, T, H, _ = q_nope.shape
@@ -118,12 +125,3 @@ def causal_attention(q, k, v, scale: float, pad_v: bool = True):
         out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, dqk - dv)), is_causal=True, scale=scale)
         return out[..., :dv]
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-
-
-def masked_attention(q, k, v, mask, scale: float):
-    """q [B, H, Tq, d_qk], k [B, H, Tk, d_qk], v [B, H, Tk, d_v], mask [B, 1, Tq, Tk] (True = attend) ->
-    [B, H, Tq, d_v]. v is zero-padded to d_qk as in causal_attention (SDPA's fused CPU kernel takes masks too)."""
-    dqk, dv = q.shape[-1], v.shape[-1]
-    if dv < dqk:
-        return F.scaled_dot_product_attention(q, k, F.pad(v, (0, dqk - dv)), attn_mask=mask, scale=scale)[..., :dv]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
