@@ -18,15 +18,21 @@ each), not its FLOPs, so every trick here removes ops:
 - the cache pool is read as a view when the batch's slots are one contiguous range (the engine's usual case), else
   gathered with one index_select; new rows are written with one index_copy_ per layer into a flat view of the pool;
   no causal mask when every row attends to the whole of its cache (T = 1, equal lengths);
-- MoE for the few tokens of a decode step without the sort/count dispatch: run every expert as two matmuls with a
-  zero gate for the unchosen ones (the same weighted sum the model computes), or, when experts far outnumber the
-  routed tokens (8 x tokens x top-k <= experts), gather only the chosen experts' weights (the model's sorted
-  grouped matmuls measured 1.3 ms a layer here against 0.1-0.5 ms for all experts, at 8-64 tokens);
+- MoE for the few tokens of a decode step without the sort/count dispatch: run every expert (shared ones
+  included) as two matmuls with a zero gate for the unchosen ones (the same weighted sum the model computes), or,
+  at one token (tokens x experts per token x 3 <= all experts), copy out that token's experts' rows and run only
+  those: a batch-1 step is memory-bound, and on cpu-tiny reading 3 of 9 experts beats reading all 9 (8% of a step),
+  while at 2+ tokens the copies cost more than they save (the model's sorted grouped matmuls measured 1.3 ms a
+  layer here against 0.1-0.5 ms for all experts, at 8-64 tokens);
+- constants as tensors: a Python float in an op costs one more dispatch (a wrapped-number copy);
 - no MoE load statistics are counted: generating must not move the balance bias (V3 eq. 16) of a model in training.
 The folded weights are derived from the live parameters and re-derived whenever those change (an optimizer step
 bumps their version counters), so one engine serves a model that RL keeps training. In `dtype` bf16 they are
-bf16 copies. Prefill runs the model itself (expanded MLA). tests/test_engine.py and tests/test_fast_paths.py check
-the decode step against the full forward.
+bf16 copies (slower than fp32 on cpu-tiny: bench/decode.py --dtype bfloat16). Prefill runs the model itself
+(expanded MLA). tests/test_engine.py and tests/test_fast_paths.py check every path against the full forward.
+torch.compile of the layer stack (fixed shapes, batch 1) measured no faster with inductor's Python wrapper and 20%
+faster with its C++ wrapper (0.75 vs 0.93 ms CPU a step, loaded machine) after a 50 s compile per shape, so the
+step stays eager.
 """
 
 from __future__ import annotations

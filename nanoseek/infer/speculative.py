@@ -46,21 +46,28 @@ class SpecState:
 def _draft(runner, h_prev, next_ids, slot: int, start: int, depth: int) -> list[int]:
     """MTP over positions start.. (h_prev [1, k, d], next_ids [1, k]); returns `depth` chained drafts."""
     slots = torch.tensor([slot])
-    out = runner.mtp(h_prev, next_ids, slots, torch.tensor([start]), start + next_ids.shape[1], last_only=True,
-                     return_hidden=depth > 1)
+    out = runner.mtp(
+        h_prev,
+        next_ids,
+        slots,
+        torch.tensor([start]),
+        start + next_ids.shape[1],
+        last_only=True,
+        return_hidden=depth > 1,
+    )
     logits, h = out if depth > 1 else (out, None)
     drafts = [int(logits[0, -1].argmax())]
     pos = start + next_ids.shape[1]
     for _ in range(depth - 1):  # feed the module its own normed output and its draft, one position on
-        logits, h = runner.mtp(h, torch.tensor([[drafts[-1]]]), slots, torch.tensor([pos]), pos + 1,
-                               last_only=True, return_hidden=True)
+        logits, h = runner.mtp(
+            h, torch.tensor([[drafts[-1]]]), slots, torch.tensor([pos]), pos + 1, last_only=True, return_hidden=True
+        )
         drafts.append(int(logits[0, -1].argmax()))
         pos += 1
     return drafts
 
 
-def mtp_prefill(runner, hidden: torch.Tensor, prompt: list[int], first: int, slot: int,
-                depth: int = 1) -> SpecState:
+def mtp_prefill(runner, hidden: torch.Tensor, prompt: list[int], first: int, slot: int, depth: int = 1) -> SpecState:
     """After the main prefill of `prompt` (hidden [T, d] of its positions) and greedy token `first`, fill the MTP
     cache of positions 0..T-1 and draft `depth` tokens after `first`."""
     T = len(prompt)
@@ -71,8 +78,9 @@ def mtp_prefill(runner, hidden: torch.Tensor, prompt: list[int], first: int, slo
 def spec_step(runner, st: SpecState, slot: int, want_logprobs: bool = False):
     """One verify step; updates `st` and returns (tokens [1 .. depth+1], logprobs list or None)."""
     p, D = st.pos, len(st.drafts)
-    logits, hidden = runner.decode(torch.tensor([[st.last] + st.drafts]), torch.tensor([slot]), torch.tensor([p]),
-                                   p + D + 1)
+    logits, hidden = runner.decode(
+        torch.tensor([[st.last] + st.drafts]), torch.tensor([slot]), torch.tensor([p]), p + D + 1
+    )
     g = logits[0].argmax(dim=-1).tolist()  # [g_0 .. g_D]
     n = 0
     while n < D and st.drafts[n] == g[n]:
