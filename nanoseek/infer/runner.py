@@ -211,9 +211,9 @@ class Runner:
         B, cfg = len(sl), self.cfg
         r, dr = cfg.kv_lora_rank, cfg.qk_rope_head_dim
         pos = start_pos[:, None] + self._arange[:T]  # [B, T]
-        M = torch.zeros(B, T, r + dr, r + dr, dtype=self.dtype)  # diag(I_r, R[pos]): [B, T, r+dr, r+dr]
-        M.diagonal(dim1=-2, dim2=-1)[..., :r] = 1
-        M[..., r:, r:] = self.w["rope"][pos]
+        M = torch.zeros(B * T, r + dr, r + dr, dtype=self.dtype)  # diag(I_r, R[pos]): [B*T, r+dr, r+dr]
+        M.diagonal(dim1=-2, dim2=-1)[:, :r] = 1
+        M[:, r:, r:] = self.w["rope"][pos.view(-1)]
         mask = None
         if T > 1 or any(p + 1 != S for p in sp):  # some row must not see some of the S cached positions
             allowed = self._arange[:S] <= pos[:, :, None]  # [B, T, S]
@@ -270,13 +270,13 @@ class Runner:
         a = a * _group_factor(a, b["G"], b["G_eps"], b["GT"])  # q_a norm, kv_a norm (k_pe passes through)
         q = a[..., : b["q_rows"]] if b["w_q"] is None else F.linear(a[..., : b["q_rows"]], b["w_q"])
         M, mask = ctx["M"], ctx["mask"]
-        row = torch.matmul(a[:, b["q_rows"] :].view(B, T, 1, r + dr), M)  # the new cache rows [c_kv ‖ k_pe]
+        # (bmm, not matmul: matmul's broadcasting costs several more dispatches)
+        row = torch.bmm(a[:, b["q_rows"] :].view(B * T, 1, r + dr), M)  # the new cache rows [c_kv ‖ k_pe]
         self._flat[layer].index_copy_(0, ctx["flat"], _cast(row.view(B * T, r + dr), self.cache.buf.dtype))
-        q = q.view(B, T, H, r + dr)
         if last_only and T > 1:  # queries of the last position only
-            q, M, T = q[:, -1:], M[:, -1:], 1
+            q, M, T = q.view(B, T, -1)[:, -1], M.view(B, T, r + dr, r + dr)[:, -1], 1
             mask = None if mask is None else mask[:, -1:]
-        qc = torch.matmul(q, M).view(B, T * H, r + dr)  # rope on each head's rope part
+        qc = torch.bmm(q.reshape(B * T, H, r + dr), M).view(B, T * H, r + dr)  # rope on each head's rope part
         if "lat" in ctx:  # views of the pool (written above, so they include the new rows)
             lat_t, lat_v = ctx["lat"][0][layer], ctx["lat"][1][layer]
         else:
@@ -319,12 +319,13 @@ class Runner:
             # every expert, the shared ones included, as two matmuls; zero gate for the unchosen
             cw = b["gate_row"].expand(N, -1).scatter(1, idx, w)  # [N, E']
             g, u = F.linear(x, gu.view(-1, d)).view(N, E_all, -1).chunk(2, dim=-1)
-            return (F.silu(g) * u * cw[..., None]).view(N, -1) @ dn.view(-1, d)
+            return torch.mm((F.silu(g) * u * cw[..., None]).view(N, -1), dn.view(-1, d))
         # few tokens: copy out only the rows of each token's J experts (at batch 1 a step is memory-bound, and
         # reading all E' experts' weights costs more than copying J of them)
         if J > idx.shape[1]:
-            idx = torch.cat([idx, b["sh_ids"].expand(N, -1)], 1)  # [N, J]
-            w = torch.cat([w, b["sh_ones"].expand(N, -1)], 1)
+            sh_ids, sh_ones = (b["sh_ids"], b["sh_ones"]) if N == 1 else (b["sh_ids"].expand(N, -1),
+                                                                         b["sh_ones"].expand(N, -1))
+            idx, w = torch.cat([idx, sh_ids], 1), torch.cat([w, sh_ones], 1)  # [N, J]
         sel = idx.view(-1)
         out = torch.bmm(gu.index_select(0, sel).view(N, J * 2 * h, d), x.view(N, d, 1))  # [N, J 2h, 1]
         g, u = out.view(N, J, 2, h).unbind(2)
@@ -360,7 +361,7 @@ def _rms_factor(x, mean_col, eps):
 
 def _group_factor(x, G, eps, GT):
     """x [N, A] -> the per-column factor of a grouped RMSNorm (see _group_norm_mats), weights included: [N, A]."""
-    return torch.addmm(eps, x.square(), G).rsqrt_() @ GT
+    return torch.mm(torch.addmm(eps, x.square(), G).rsqrt_(), GT)
 
 
 def _swiglu(x, w_gate_up, w_down):
