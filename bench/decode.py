@@ -89,7 +89,9 @@ def main(argv=None) -> int:
     max_len = args.prompt_len + args.gen_len + 1
     for B in [int(b) for b in args.batch_sizes.split(",")]:
         prompts = torch.randint(0, cfg.vocab_size, (B, args.prompt_len), generator=g)
-        engine = Engine(model, None, EngineConfig(max_batch=B, max_model_len=max_len, dtype=args.dtype))
+        # the engine sets its own thread count while it steps (engine.threads): the same as transformers gets
+        engine = Engine(model, None, EngineConfig(max_batch=B, max_model_len=max_len, dtype=args.dtype,
+                                                  threads=args.threads))
         with torch.inference_mode():
             def run_hf(prompts=prompts):
                 return hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=args.gen_len,
@@ -114,9 +116,9 @@ def main(argv=None) -> int:
     # MTP self-speculation vs plain greedy, batch 1
     if getattr(model, "mtp", None):
         prompts = torch.randint(0, cfg.vocab_size, (4, args.prompt_len), generator=g).tolist()
-        plain = Engine(model, None, EngineConfig(max_batch=1, max_model_len=max_len, dtype=args.dtype))
-        spec = Engine(model, None, EngineConfig(max_batch=1, max_model_len=max_len, dtype=args.dtype, speculative=True,
-                                                spec_drafts=args.spec_drafts))
+        ecfg = dict(max_batch=1, max_model_len=max_len, dtype=args.dtype, threads=args.threads)
+        plain = Engine(model, None, EngineConfig(**ecfg))
+        spec = Engine(model, None, EngineConfig(**ecfg, speculative=True, spec_drafts=args.spec_drafts))
 
         def run_all(e):
             return [e.generate([q], greedy)[0][0].token_ids for q in prompts]
