@@ -239,3 +239,32 @@ def test_mtp_last_only_equals_all_rows(variant):
     assert logits.shape == (2, 1, cfg.vocab_size)
     assert (all_rows - last).abs().max() <= 1e-5 and torch.equal(cache_all, cache_last)
     assert (last - ref[:, -1]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("variant", ["q_lora", "no_q_lora", "no_interleave_all_moe"])
+def test_decode_rope_block_matrix_equals_in_place_rotation(variant):
+    """RoPE of a decode step: block matrices diag(I, R) (few rows) and R on the rope parts in place (many rows) give
+    the same logits, cache rows and MTP drafts."""
+    m, cache, r = _runner_setup(variant)
+    cfg = m.config
+    torch.manual_seed(5)
+    x = torch.randint(0, cfg.vocab_size, (3, 12))
+    slots, pos = torch.tensor([0, 1, 2]), torch.tensor([8, 6, 7])
+    outs = []
+    for rows in (0, 1000):  # 0: always in place, 1000: always block matrices
+        r.rope_block_rows, r._ctx = rows, None
+        cache.buf.zero_()
+        with torch.no_grad():
+            _, hidden = r.prefill(x[:, :9], slots)
+            logits, h = r.decode(x[:, 9:11], slots, pos, 10)  # 2 tokens a row: the in-place path at 6 rows
+            mtp = r.mtp(h, x[:, 10:12], slots, pos, 10, last_only=True)
+        outs.append((logits, mtp, cache.buf.clone()))
+    (l0, m0, c0), (l1, m1, c1) = outs
+    assert (l0 - l1).abs().max() <= 1e-5 and (m0 - m1).abs().max() <= 1e-5
+    assert (c0 - c1).abs().max() <= 1e-5
+    with torch.no_grad():
+        full = m(x[:, :11]).logits
+    for b in range(3):  # row b's tokens 9, 10 sit at positions pos[b], pos[b] + 1 of its cache
+        p = int(pos[b])
+        ref = m(torch.cat([x[b, :p], x[b, 9:11]])[None]).logits[0, p:] if p != 9 else full[b, 9:11]
+        assert (l0[b] - ref).abs().max() <= 1e-4

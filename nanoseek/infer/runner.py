@@ -60,7 +60,10 @@ class Runner:
         self._flat = [cache.buf[i].view(-1, cache.buf.shape[-1]) for i in range(cache.n_layers)]
         self._arange = torch.arange(cache.max_len)
         self._ctx = None  # the last step context and its key (slots, start positions, T, S)
-        self._tiny = torch.tensor(1e-20)  # tensors, not Python floats: a Python scalar costs one more dispatch
+        self._tiny = torch.tensor(1e-20)
+        # RoPE by block matrices diag(I, R) up to this many rows a step, else R on the rope parts in place
+        # (measured: equal at 8 rows; at 64 rows the block matrices cost 4x the time)
+        self.rope_block_rows = 8  # tensors, not Python floats: a Python scalar costs one more dispatch
         # MoE path: gather each token's experts when tokens x experts-per-token x gather_ratio <= all experts
         # (measured on cpu-tiny: gathering 3 of 9 experts pays at 1 token, not at 2)
         self.gather_ratio = 3.0
@@ -87,7 +90,7 @@ class Runner:
         w = dict(embed=c(m.model.embed_tokens.weight), head=c(head * m.model.norm.weight.float()),
                  norm=c(m.model.norm.weight),
                  eps=torch.tensor([cfg.rms_norm_eps], dtype=dt), mean_col=torch.full((d, 1), 1.0 / d, dtype=dt),
-                 blocks=[self._derive_block(b, c) for b in blocks], rope=self._rope_matrices())
+                 blocks=[self._derive_block(b, c) for b in blocks], rope=c(self._rope_matrices()))
         if len(m.mtp):
             mod = m.mtp[0]
             # enorm(emb) ‖ hnorm(h_prev) as one grouped norm over [emb ‖ h_prev]; the norm weights go in the
@@ -211,15 +214,20 @@ class Runner:
         B, cfg = len(sl), self.cfg
         r, dr = cfg.kv_lora_rank, cfg.qk_rope_head_dim
         pos = start_pos[:, None] + self._arange[:T]  # [B, T]
-        M = torch.zeros(B * T, r + dr, r + dr, dtype=self.dtype)  # diag(I_r, R[pos]): [B*T, r+dr, r+dr]
-        M.diagonal(dim1=-2, dim2=-1)[:, :r] = 1
-        M[:, r:, r:] = self.w["rope"][pos.view(-1)]
+        R = self.w["rope"][pos.view(-1)]  # [B*T, dr, dr]
+        if B * T <= self.rope_block_rows:  # diag(I_r, R[pos]): [B*T, r+dr, r+dr]
+            M = torch.zeros(B * T, r + dr, r + dr, dtype=self.dtype)
+            M.diagonal(dim1=-2, dim2=-1)[:, :r] = 1
+            M[:, r:, r:] = R
+            R = None
+        else:
+            M = None
         mask = None
         if T > 1 or any(p + 1 != S for p in sp):  # some row must not see some of the S cached positions
             allowed = self._arange[:S] <= pos[:, :, None]  # [B, T, S]
             mask = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))[:, :, None]  # [B, T, 1, S]
         flat = (slots[:, None] * self.cache.max_len + pos).view(-1)  # [B*T] rows of the flat pool
-        ctx = dict(M=M, mask=mask, S=S, B=B, T=T, slots=slots, flat=flat)
+        ctx = dict(M=M, R=R, mask=mask, S=S, B=B, T=T, slots=slots, flat=flat)
         s0 = sl[0]
         if sl == list(range(s0, s0 + B)):  # one contiguous range of slots: every layer's rows are views of the pool
             lat = self.cache.buf[:, s0 : s0 + B, :S]  # [layers, B, S, r+dr]
@@ -269,14 +277,25 @@ class Runner:
         a = F.linear(x, b["w_in"], b.get("b_in"))  # [N, q_rows + r + dr]
         a = a * _group_factor(a, b["G"], b["G_eps"], b["GT"])  # q_a norm, kv_a norm (k_pe passes through)
         q = a[..., : b["q_rows"]] if b["w_q"] is None else F.linear(a[..., : b["q_rows"]], b["w_q"])
-        M, mask = ctx["M"], ctx["mask"]
+        M, R, mask, N = ctx["M"], ctx["R"], ctx["mask"], B * T
         # (bmm, not matmul: matmul's broadcasting costs several more dispatches)
-        row = torch.bmm(a[:, b["q_rows"] :].view(B * T, 1, r + dr), M)  # the new cache rows [c_kv ‖ k_pe]
-        self._flat[layer].index_copy_(0, ctx["flat"], _cast(row.view(B * T, r + dr), self.cache.buf.dtype))
+        if M is not None:  # few rows: the block matrix rotates whole rows, no splitting
+            row = torch.bmm(a[:, b["q_rows"] :].view(N, 1, r + dr), M).view(N, r + dr)  # new cache rows [c_kv ‖ k_pe]
+        else:  # many rows: rotate k_pe in place with R (the block matrices would be ((r+dr)/dr)² times the memory)
+            a[:, -dr:] = torch.bmm(a[:, None, -dr:], R).view(N, dr)
+            row = a[:, b["q_rows"] :]
+        self._flat[layer].index_copy_(0, ctx["flat"], _cast(row, self.cache.buf.dtype))
         if last_only and T > 1:  # queries of the last position only
-            q, M, T = q.view(B, T, -1)[:, -1], M.view(B, T, r + dr, r + dr)[:, -1], 1
+            q, T = q.view(B, T, -1)[:, -1], 1
+            M = None if M is None else M.view(B, -1, r + dr, r + dr)[:, -1]
+            R = None if R is None else R.view(B, -1, dr, dr)[:, -1]
             mask = None if mask is None else mask[:, -1:]
-        qc = torch.bmm(q.reshape(B * T, H, r + dr), M).view(B, T * H, r + dr)  # rope on each head's rope part
+        q = q.reshape(B * T, H, r + dr)
+        if M is not None:
+            q = torch.bmm(q, M)  # rope on each head's rope part
+        else:
+            q[..., r:] = torch.bmm(q[..., r:], R)
+        qc = q.reshape(B, T * H, r + dr)
         if "lat" in ctx:  # views of the pool (written above, so they include the new rows)
             lat_t, lat_v = ctx["lat"][0][layer], ctx["lat"][1][layer]
         else:
