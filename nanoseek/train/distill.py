@@ -10,7 +10,7 @@ what distillation starts from, and the same base trained by GRPO instead (`nanos
 paper compares against.
 
 1. The teacher answers `n_questions` training questions k times each (R1 used 800k samples from R1 and V3); a
-   sample is kept when its strict answer is correct and (with `readable`, the default) it passes the cold start's
+   sample is kept when its strict answer is correct and (with `readable`, on in cpu-tiny) it passes the cold start's
    readability filter including the step check (nanoseek/train/sft.py): R1's reasoning data was filtered for
    readability the same way (§2.3.3), and at cpu-tiny the cold start trained on R1-Zero's traces without the step
    check scored 3 points lower (configs/cpu-tiny.toml [sft]).
@@ -45,7 +45,7 @@ class DistillConfig(SFTConfig):
     samples_per_question: int = 8
     max_per_question: int = 4
     temperature: float = 0.8
-    readable: bool = True  # R1's distillation data was readability-filtered too (§2.3.3); the step check with it
+    readable: bool = False  # R1 distils correct samples; cpu-tiny turns the filter (and its step check) on
 
 
 def check_student(model, tok_student_dir: str | Path, teacher_dir: str | Path) -> None:
