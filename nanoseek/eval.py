@@ -7,6 +7,8 @@ The protocol of DeepSeek-R1 §3 (evaluation setup): k samples per question at te
     maj@k    = the majority answer of the k samples is correct        (R1's cons@64, here with k samples)
     greedy   = one temperature-0 sample is correct
     format   = share of samples in the exact <think>…</think><answer>…</answer> format
+    steps    = share of samples in that format whose checkable reasoning steps all hold (sft.wrong_step: every
+               integer `expr = value`, every sorting pick): R1's readability, which the tag format alone cannot show
     length   = mean completion tokens; also for correct and wrong samples apart (R1-Zero's "length grows")
 
 "correct" is the STRICT accuracy of `nanoseek.train.rewards` (the answer inside <answer>…</answer> after
@@ -38,7 +40,7 @@ import torch
 
 from nanoseek.config import ConfigError, load_preset
 
-METRICS = ("pass@1", "greedy", "maj@k", "format", "lenient", "length")  # the table's columns, in order
+METRICS = ("pass@1", "greedy", "maj@k", "format", "steps", "lenient", "length")  # the table's columns, in order
 
 
 @dataclass
@@ -154,6 +156,7 @@ class QuestionResult:
     maj: float  # score of the majority answer
     greedy: float | None  # score of the greedy sample (None when greedy is off)
     greedy_length: int | None = None
+    consistent: list[float] = field(default_factory=list)  # in format with every checkable step true, per sample
 
     def correct(self) -> int:
         return sum(s >= 1.0 for s in self.scores)
@@ -164,9 +167,11 @@ def score_question(entry: dict, texts: Sequence[str], lengths: Sequence[int], tr
                    greedy_length: int | None = None) -> QuestionResult:
     """Score k sampled completions (and optionally the greedy one) of one question with the RL reward rules."""
     from nanoseek import tasks
-    from nanoseek.train.rewards import reward
+    from nanoseek.train.rewards import THINK_CLOSE, reward
+    from nanoseek.train.sft import wrong_step
 
     rs = [reward(t, entry, tasks.score, prompt_opens_think=prompt_opens_think) for t in texts]
+    consistent = [float(r.format >= 1.0 and wrong_step(t.split(THINK_CLOSE)[0]) is None) for r, t in zip(rs, texts)]
     winner = majority_vote([r.answer for r in rs])
     maj = 0.0 if winner is None else float(tasks.score(winner, entry))
     greedy = None
@@ -174,13 +179,14 @@ def score_question(entry: dict, texts: Sequence[str], lengths: Sequence[int], tr
         greedy = reward(greedy_text, entry, tasks.score, prompt_opens_think=prompt_opens_think).accuracy
     return QuestionResult(task=entry["task"], scores=[r.accuracy for r in rs], lenient=[r.lenient for r in rs],
                           formats=[r.format for r in rs], lengths=list(lengths), truncated=list(truncated),
-                          maj=maj, greedy=greedy, greedy_length=greedy_length)
+                          maj=maj, greedy=greedy, greedy_length=greedy_length, consistent=consistent)
 
 
 def summarize(results: Sequence[QuestionResult], k: int, pass_ks: Sequence[int], n_boot: int, seed: int) -> dict:
     """{metric: {"mean", "lo", "hi", "n"}} over a list of questions (one task, or all of them pooled)."""
     per_q: dict[str, list[float]] = {m: [] for m in ("pass@1", *[f"pass@{j}" for j in pass_ks if j > 1], "maj@k",
-                                                    "greedy", "format", "lenient", "length", "truncated")}
+                                                    "greedy", "format", "steps", "lenient", "length",
+                                                    "truncated")}
     correct_len, wrong_len = [], []
     for r in results:
         per_q["pass@1"].append(float(np.mean(r.scores)))
@@ -191,6 +197,8 @@ def summarize(results: Sequence[QuestionResult], k: int, pass_ks: Sequence[int],
         if r.greedy is not None:
             per_q["greedy"].append(r.greedy)
         per_q["format"].append(float(np.mean(r.formats)))
+        if r.consistent:
+            per_q["steps"].append(float(np.mean(r.consistent)))
         per_q["lenient"].append(float(np.mean(r.lenient)))
         per_q["length"].append(float(np.mean(r.lengths)))
         per_q["truncated"].append(float(np.mean(r.truncated)))
@@ -365,13 +373,14 @@ def table(result: dict) -> str:
     k = result["config"]["k"]
     ks = [j for j in sorted({1, 4, k}) if 1 < j <= k]
     head = ["split", "task", "n", "pass@1", *[f"pass@{j}" for j in ks], f"maj@{k}", "greedy", "format",
-            "lenient", "length"]
+            "steps", "lenient", "length"]
     rows = []
     for split, tasks_ in result["splits"].items():
         for task, m in tasks_.items():
             rows.append([split, task, str(m["pass@1"]["n"]), fmt_ci(m["pass@1"]),
                          *[fmt_ci(m.get(f"pass@{j}")) for j in ks], fmt_ci(m["maj@k"]), fmt_ci(m.get("greedy")),
-                         fmt_ci(m["format"]), fmt_ci(m["lenient"]), fmt_ci(m["length"], pct=False)])
+                         fmt_ci(m["format"]), fmt_ci(m.get("steps")), fmt_ci(m["lenient"]),
+                         fmt_ci(m["length"], pct=False)])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)

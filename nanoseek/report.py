@@ -236,8 +236,8 @@ def _mean(result: dict | None, split: str, task: str, metric: str) -> float | No
 
 def eval_table(evals: dict[str, dict], split: str) -> list[str]:
     ks = sorted({j for r in evals.values() for j in (1, 4, r["config"]["k"]) if 1 < j <= r["config"]["k"]})
-    head = ["stage", "n", "pass@1", *[f"pass@{j}" for j in ks], "maj@k", "greedy", "format", "lenient",
-            "length", "len. correct / wrong"]
+    head = ["stage", "n", "pass@1", *[f"pass@{j}" for j in ks], "maj@k", "greedy", "format", "steps",
+            "lenient", "length", "len. correct / wrong"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for stage in EVAL_ORDER:
         r = evals.get(stage)
@@ -250,7 +250,7 @@ def eval_table(evals: dict[str, dict], split: str) -> list[str]:
         lines.append("| " + " | ".join([
             LABEL[stage], str(a["pass@1"]["n"]), pct(a["pass@1"]), *[pct(a.get(f"pass@{j}")) for j in ks],
             pct(a["maj@k"]) + f" (k={r['config']['k']})", pct(a.get("greedy")), pct(a.get("format")),
-            pct(a.get("lenient")), "–" if length is None else f"{length:.0f}", lens]) + " |")
+            pct(a.get("steps")), pct(a.get("lenient")), "–" if length is None else f"{length:.0f}", lens]) + " |")
     return lines
 
 
@@ -267,6 +267,12 @@ def per_task_table(evals: dict[str, dict], split: str) -> list[str]:
             cells.append("–" if p1 is None else f"{100 * p1:.1f}" + ("" if g is None else f" / {100 * g:.0f}"))
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _steps(z: float | None, r: float | None) -> str:
+    """R1's readability in this setting: the tags are near 100% for every stage, so the share of samples whose
+    checkable steps all hold is what shows whether the cold start made the reasoning cleaner."""
+    return "" if None in (z, r) else f"; step-consistent samples {100 * z:.1f} → {100 * r:.1f}"
 
 
 def goals(evals: dict[str, dict]) -> list[str]:
@@ -294,7 +300,8 @@ def goals(evals: dict[str, dict]) -> list[str]:
     goal("R1 ≥ R1-Zero on pass@1, with a higher format rate",
          None if None in (r, z, rf, zf) else (r >= z and rf > zf),
          "missing stage" if None in (r, z, rf, zf) else f"pass@1 {100 * z:.1f} → {100 * r:.1f}; "
-         f"format {100 * zf:.1f} → {100 * rf:.1f}" + _overlap(evals, "zero", "rl"))
+         f"format {100 * zf:.1f} → {100 * rf:.1f}" + _steps(p("zero", "steps"), p("rl", "steps"))
+         + _overlap(evals, "zero", "rl"))
     s, srl = p("distill"), p("student_rl")
     goal("the distilled student reaches ≥ 90% of the teacher's pass@1",
          None if None in (s, r) else (r > 0 and s >= 0.9 * r),
@@ -453,7 +460,9 @@ def write_report(run_dir: str | Path) -> Path:
                f"at most {cfg['max_tokens']} tokens; pass@1 is averaged over the k samples, pass@j is the unbiased "
                "estimator of Chen et al. (2021), maj@k the majority answer, greedy one temperature-0 sample. "
                "Accuracy is strict (the answer inside `<answer>` after `</think>`); lenient takes the last number "
-               "anywhere. Percentages with 95% bootstrap intervals over questions.", ""]
+               "anywhere. Format: the exact `<think>…</think><answer>…</answer>` shape; steps: samples in that "
+               "format whose checkable steps (every integer `a op b = c`, every sorting pick) all hold — the "
+               "readability the cold start filters for. Percentages with 95% bootstrap intervals over questions.", ""]
         splits = list(dict.fromkeys(sp for r in evals.values() for sp in r.get("splits", {})))
         for sp in splits:
             title = {"test": "Held-out test split", "ood": "Out-of-distribution split (harder difficulty)"}.get(sp, sp)

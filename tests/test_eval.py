@@ -213,3 +213,18 @@ def test_eval_questions_are_the_training_runs_held_out_splits():
             assert [e for e in qs[split] if e["task"] == t] == [e for e in full[split] if e["task"] == t][:2]
     train = {e["question"] for e in full["train"]}
     assert not any(e["question"] in train for s in qs.values() for e in s)  # never trained on
+
+
+def test_steps_metric_counts_formatted_samples_whose_checkable_steps_hold():
+    from nanoseek.eval import score_question
+
+    entry = {"task": "add", "question": "What is 22 + 5?", "answer": "27"}
+    texts = ["22 + 5 = 27\n</think>\n<answer>27</answer>",   # consistent, correct
+             "22 + 5 = 26\n</think>\n<answer>27</answer>",   # correct answer through a false step
+             "22 + 5 = 27\n<answer>27</answer>",             # no </think>: not in format
+             "carry nothing\n</think>\n<answer>26</answer>"]  # nothing checkable, in format: consistent
+    r = score_question(entry, texts, [8] * 4, [False] * 4, prompt_opens_think=True)
+    assert r.consistent == [1.0, 0.0, 0.0, 1.0]
+    assert r.scores[:2] == [1.0, 1.0] and r.formats[2] == 0.0
+    s = summarize([r], k=4, pass_ks=[1], n_boot=50, seed=0)
+    assert s["steps"]["mean"] == pytest.approx(0.5)
