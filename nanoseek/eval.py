@@ -7,7 +7,7 @@ The protocol of DeepSeek-R1 §3 (evaluation setup): k samples per question at te
     maj@k    = the majority answer of the k samples is correct        (R1's cons@64, here with k samples)
     greedy   = one temperature-0 sample is correct
     format   = share of samples in the exact <think>…</think><answer>…</answer> format
-    steps    = share of samples in that format whose checkable reasoning steps all hold (sft.wrong_step: every
+    steps    = share of samples in that format whose checkable reasoning steps all hold (rewards.wrong_step: every
                integer `expr = value`, every sorting pick): R1's readability, which the tag format alone cannot show
     length   = mean completion tokens; also for correct and wrong samples apart (R1-Zero's "length grows")
 
@@ -167,8 +167,7 @@ def score_question(entry: dict, texts: Sequence[str], lengths: Sequence[int], tr
                    greedy_length: int | None = None) -> QuestionResult:
     """Score k sampled completions (and optionally the greedy one) of one question with the RL reward rules."""
     from nanoseek import tasks
-    from nanoseek.train.rewards import THINK_CLOSE, reward
-    from nanoseek.train.sft import wrong_step
+    from nanoseek.train.rewards import THINK_CLOSE, reward, wrong_step
 
     rs = [reward(t, entry, tasks.score, prompt_opens_think=prompt_opens_think) for t in texts]
     consistent = [float(r.format >= 1.0 and wrong_step(t.split(THINK_CLOSE)[0]) is None) for r, t in zip(rs, texts)]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
@@ -145,3 +146,65 @@ def rewards(completions: Sequence[str], entries: Sequence, scorer: Scorer, *, le
         raise ValueError(f"{len(lengths)} lengths for {len(completions)} completions; pass one length per completion")
     return [reward(c, e, scorer, length=None if lengths is None else lengths[i], **kw)
             for i, (c, e) in enumerate(zip(completions, entries))]
+
+
+# ---- step consistency: the reasoning agrees with itself (the cold start's filter, eval's `steps` column) --------
+_EXPR = r"\d+(?:\s*[-+*/]\s*\d+)*"  # integer arithmetic without parentheses: what the worked solutions write
+_LHS = re.compile(r"(?:(?<![\w)])-)?" + _EXPR + r"\s*$")  # the expression ending a segment (a leading minus sign
+# counts only where it cannot be a subtraction: not after a digit, letter or bracket)
+_RHS = re.compile(r"^\s*-?" + _EXPR)  # the expression starting the next segment
+_PICK = re.compile(r"^(smallest|largest) of ([-\d, ]+): (-?\d+)$")
+
+
+def _value(expr: str) -> Fraction | None:
+    """Exact value of an integer +-*/ expression (usual precedence), None if it divides by zero."""
+    toks = re.findall(r"\d+|[-+*/]", expr.replace(" ", ""))
+    neg = toks[:1] == ["-"]
+    toks = toks[1:] if neg else toks
+    terms, cur, op = [], Fraction(int(toks[0])) * (-1 if neg else 1), None
+    for t in toks[1:]:
+        if t in "+-*/":
+            op = t
+            continue
+        v = Fraction(int(t))
+        if op == "*":
+            cur *= v
+        elif op == "/":
+            if v == 0:
+                return None
+            cur /= v
+        else:
+            terms.append(cur)
+            cur = v if op == "+" else -v
+    return sum(terms, cur)
+
+
+def wrong_step(reasoning: str) -> str | None:
+    """The first step of `reasoning` that a rule can check and that is false, else None. Checked: every `A = B`
+    where the segment before `=` ends in an integer expression A and the one after starts with one (B); chained
+    equalities are checked pair by pair; `6x = 43 - 7` has no expression before `=` and is skipped. And sorting
+    by selection: `smallest of 31, 2, 5: 2` must pick the minimum, and each list must be the previous one without
+    the number picked from it. Unchecked text (`-> 94`, `carry 1`) is allowed: absence of checks is not an error."""
+    prev: list[int] | None = None
+    for line in reasoning.splitlines():
+        line = line.strip()
+        segs = line.split("=")
+        for a, b in zip(segs, segs[1:]):
+            lhs, rhs = _LHS.search(a), _RHS.match(b)
+            if lhs and rhs and (lhs_v := _value(lhs.group())) is not None:
+                if lhs_v != _value(rhs.group()):
+                    return line
+        m = _PICK.match(line)
+        if m:
+            nums = [int(x) for x in m.group(2).replace(" ", "").split(",") if x.lstrip("-").isdigit()]
+            pick = int(m.group(3))
+            if not nums or pick != (min(nums) if m.group(1) == "smallest" else max(nums)):
+                return line
+            if prev is not None and sorted(nums) != sorted(prev):
+                return line
+            prev = list(nums)
+            prev.remove(pick)
+        elif line.startswith("last:") and prev is not None:
+            if [x.strip() for x in line[5:].split(",")] != [str(v) for v in prev]:
+                return line
+    return None

@@ -37,11 +37,9 @@ import argparse
 import json
 import os
 import random
-import re
 import sys
 import time
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -49,7 +47,7 @@ import torch
 from nanoseek.config import ConfigError
 from nanoseek.train import distributed as D
 from nanoseek.train.loop import LoopConfig
-from nanoseek.train.rewards import THINK_CLOSE, extract_answer, format_ok
+from nanoseek.train.rewards import THINK_CLOSE, extract_answer, format_ok, wrong_step
 
 # Runs under torchrun: rank 0 samples the traces, every rank trains on its rows of each global batch (DDP/FSDP2
 # from [parallel]), rank 0 writes the model (docs/scaling.md).
@@ -104,67 +102,6 @@ class SFTConfig(LoopConfig):
 
 
 # ---- the readability filter ------------------------------------------------------------------------------------
-_EXPR = r"\d+(?:\s*[-+*/]\s*\d+)*"  # integer arithmetic without parentheses: what the worked solutions write
-_LHS = re.compile(r"(?:(?<![\w)])-)?" + _EXPR + r"\s*$")  # the expression ending a segment (a leading minus sign
-# counts only where it cannot be a subtraction: not after a digit, letter or bracket)
-_RHS = re.compile(r"^\s*-?" + _EXPR)  # the expression starting the next segment
-_PICK = re.compile(r"^(smallest|largest) of ([-\d, ]+): (-?\d+)$")
-
-
-def _value(expr: str) -> Fraction | None:
-    """Exact value of an integer +-*/ expression (usual precedence), None if it divides by zero."""
-    toks = re.findall(r"\d+|[-+*/]", expr.replace(" ", ""))
-    neg = toks[:1] == ["-"]
-    toks = toks[1:] if neg else toks
-    terms, cur, op = [], Fraction(int(toks[0])) * (-1 if neg else 1), None
-    for t in toks[1:]:
-        if t in "+-*/":
-            op = t
-            continue
-        v = Fraction(int(t))
-        if op == "*":
-            cur *= v
-        elif op == "/":
-            if v == 0:
-                return None
-            cur /= v
-        else:
-            terms.append(cur)
-            cur = v if op == "+" else -v
-    return sum(terms, cur)
-
-
-def wrong_step(reasoning: str) -> str | None:
-    """The first step of `reasoning` that a rule can check and that is false, else None. Checked: every `A = B`
-    where the segment before `=` ends in an integer expression A and the one after starts with one (B); chained
-    equalities are checked pair by pair; `6x = 43 - 7` has no expression before `=` and is skipped. And sorting
-    by selection: `smallest of 31, 2, 5: 2` must pick the minimum, and each list must be the previous one without
-    the number picked from it. Unchecked text (`-> 94`, `carry 1`) is allowed: absence of checks is not an error."""
-    prev: list[int] | None = None
-    for line in reasoning.splitlines():
-        line = line.strip()
-        segs = line.split("=")
-        for a, b in zip(segs, segs[1:]):
-            lhs, rhs = _LHS.search(a), _RHS.match(b)
-            if lhs and rhs and (lhs_v := _value(lhs.group())) is not None:
-                if lhs_v != _value(rhs.group()):
-                    return line
-        m = _PICK.match(line)
-        if m:
-            nums = [int(x) for x in m.group(2).replace(" ", "").split(",") if x.lstrip("-").isdigit()]
-            pick = int(m.group(3))
-            if not nums or pick != (min(nums) if m.group(1) == "smallest" else max(nums)):
-                return line
-            if prev is not None and sorted(nums) != sorted(prev):
-                return line
-            prev = list(nums)
-            prev.remove(pick)
-        elif line.startswith("last:") and prev is not None:
-            if [x.strip() for x in line[5:].split(",")] != [str(v) for v in prev]:
-                return line
-    return None
-
-
 def readable(text: str, n_tokens: int, truncated: bool, max_tokens: int, check_steps: bool = False) -> str | None:
     """None if the completion `text` (as decoded after the generation prompt `…<think>\\n`) is readable, else the
     reason it is not (one of "format", "repeated_line", "too_long", "truncated", "not_plain", "wrong_step")."""
