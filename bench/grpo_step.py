@@ -163,6 +163,7 @@ def bench_trl(model_dir: Path, cfg, args, workdir: Path) -> dict:
             lengths_seen.append(statistics.mean(lens))
         rs = R.rewards(texts, [json.loads(e) for e in entry], tasks.score, lengths=lens,
                        prompt_opens_think=cfg.prompt_opens_think, format_weight=cfg.format_weight,
+                       require_reasoning=cfg.require_reasoning,
                        max_len=cfg.max_completion_length, overlong_buffer=cfg.overlong_buffer)
         return [r.reward for r in rs]
 

@@ -260,7 +260,7 @@ def evaluate(engine, tokenizer, entries_by_split: dict[str, list[dict]], cfg: Ev
     """Run the protocol through `engine` (nanoseek's Engine: add_request / step / has_unfinished). Returns the
     JSON-able result: {"splits": {split: {task | "all": {metric: {mean, lo, hi, n}}}}, "config", "examples",
     "seconds", "tokens_generated"}, plus "expert_load" (see `expert_load`) when `model` is given."""
-    from nanoseek.infer.sampling import SamplingParams
+    from nanoseek.infer.sampling import SamplingParams, sample_seed
     from nanoseek.train.grpo import prompt_ids
 
     t0 = time.perf_counter()
@@ -270,10 +270,14 @@ def evaluate(engine, tokenizer, entries_by_split: dict[str, list[dict]], cfg: Ev
     if budget < 1:
         raise ConfigError(f"the longest prompt ({longest} tokens) leaves no room in engine.max_model_len="
                           f"{engine.max_model_len}; raise engine.max_model_len")
-    sample = SamplingParams(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=budget, seed=cfg.seed)
+    # Each question gets its own seed: one SamplingParams.seed for all would give sample j of every question the
+    # same random stream, so questions would not be independent draws and the bootstrap intervals would be off.
     greedy = SamplingParams(n=1, temperature=0.0, max_tokens=budget)
-    jobs = [(p, params) for ps in prompts.values() for p in ps for params in ([sample, greedy] if cfg.greedy
-                                                                              else [sample])]
+    jobs = []
+    for q, p in enumerate(p for ps in prompts.values() for p in ps):
+        sample = SamplingParams(n=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=budget,
+                                seed=sample_seed(cfg.seed, q))
+        jobs += [(p, sample), (p, greedy)] if cfg.greedy else [(p, sample)]
     torch.manual_seed(cfg.seed)
     outs = iter(run_requests(engine, jobs))
     generated = 0

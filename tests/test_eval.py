@@ -121,12 +121,14 @@ class ScriptedEngine:
     def __init__(self, tok, entries):
         from nanoseek.train.grpo import prompt_ids
 
-        self.tok, self.entries, self.pending = tok, entries, {}
+        self.tok, self.entries, self.pending, self.seeds = tok, entries, {}, []
         self.index = {tuple(prompt_ids(tok, e)): i for i, e in enumerate(entries)}
 
     def add_request(self, prompt, params, stream_text=True):
         i, e = self.index[tuple(prompt)], self.entries[self.index[tuple(prompt)]]
         c = i % (params.n + 1) if params.temperature > 0 else (1 if i % 2 == 0 else 0)
+        if params.temperature > 0:
+            self.seeds.append(params.seed)
         rid = f"r{len(self.pending)}"
         self.pending[rid] = [self.tok.encode("some steps\n</think>\n<answer>" + (e["answer"] if j < c else "999999")
                                              + "</answer>") + [self.tok.eos_id] for j in range(params.n)]
@@ -174,6 +176,26 @@ def test_evaluate_end_to_end_numbers():
     assert set(res["splits"]["test"]) == {"add", "sub", "all"}
     assert res["splits"]["test"]["add"]["pass@1"]["n"] == 9
     assert res["tokens_generated"] > 0 and res["examples"][0]["completion"].endswith("</answer>")
+
+
+def test_each_question_samples_its_own_stream():
+    """One seed for every request would give sample j of every question the same random draws: the questions would
+    not be independent and the bootstrap over them would be wrong. Each question gets its own, reproducibly."""
+    from nanoseek import tasks
+    from nanoseek.eval import evaluate
+
+    tok = _tokenizer()
+    entries = tasks.get("add").generate(seed=3, n=6)
+    seeds = []
+    for _ in range(2):
+        engine = ScriptedEngine(tok, entries)
+        evaluate(engine, tok, {"test": entries[:3], "ood": entries[3:]}, EvalConfig(k=2, bootstrap=10, seed=5))
+        seeds.append(engine.seeds)
+    assert len(set(seeds[0])) == len(entries) and None not in seeds[0]
+    assert seeds[0] == seeds[1]
+    engine = ScriptedEngine(tok, entries)
+    evaluate(engine, tok, {"test": entries}, EvalConfig(k=2, bootstrap=10, seed=6))
+    assert not set(engine.seeds) & set(seeds[0])
 
 
 def test_expert_load_counts_every_token_top_k_times():
@@ -228,3 +250,37 @@ def test_steps_metric_counts_formatted_samples_whose_checkable_steps_hold():
     assert r.scores[:2] == [1.0, 1.0] and r.formats[2] == 0.0
     s = summarize([r], k=4, pass_ks=[1], n_boot=50, seed=0)
     assert s["steps"]["mean"] == pytest.approx(0.5)
+
+
+def test_eval_command_tasks_and_json(tmp_path, capsys):
+    """`nanoseek eval --model DIR --tasks T --json` on a saved random model: only the named task is scored, the JSON
+    printed is the JSON written, and a directory without a checkpoint is refused with a message naming the fix."""
+    import json
+
+    import torch
+
+    import nanoseek
+    from nanoseek.cli import main
+    from nanoseek.config import load_preset
+    from nanoseek.data import DataConfig, corpus_texts
+    from nanoseek.model.transformer import Transformer
+    from nanoseek.tokenizer import train_tokenizer
+
+    tok_dir = tmp_path / "tok"
+    train_tokenizer(corpus_texts(DataConfig(tasks=["add", "sort"], train_size=100, val_size=2, test_size=2,
+                                            ood_size=2)), vocab_size=300).save(tok_dir)
+    torch.manual_seed(0)
+    cfg = load_preset("smoke").model
+    cfg.vocab_size = 300
+    model_dir = nanoseek.save(Transformer(cfg), tmp_path / "m" / "model",
+                              extra_files={f.name: str(f) for f in tok_dir.iterdir()})
+    argv = ["eval", "--model", str(model_dir.parent), "--preset", "smoke", "--tasks", "sort", "--json",
+            "--set", "eval.k=2", "--set", "eval.max_tokens=8", "--set", "eval.n_questions=2"]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == json.loads((model_dir / "eval.json").read_text())  # stage dir given: its model/ is used
+    for split in ("test", "ood"):
+        assert set(printed["splits"][split]) == {"sort", "all"}
+        assert printed["splits"][split]["sort"]["pass@1"]["n"] == 2
+    assert main(["eval", "--model", str(tmp_path / "tok"), "--preset", "smoke"]) == 2
+    assert "no config.json" in capsys.readouterr().err
