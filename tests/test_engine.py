@@ -375,3 +375,35 @@ def test_running_sequences_stay_in_contiguous_slots(model):
                 assert len(toks) == 3 + 2 * i
             assert toks == _full_logits(model, p, toks).argmax(-1).tolist()
     assert engine.stats()["slots_used"] == 0
+
+
+def test_new_requests_share_one_prefill(model):
+    """Different prompts added before one step are admitted together: ONE right-padded prefill forward with a row
+    per request (padding must not change any of them: greedy tokens are each prompt's own full-forward argmax)."""
+    engine = Engine(model, None, EngineConfig(max_batch=8, max_model_len=64, threads=1))
+    shapes = []
+    orig = engine.runner.prefill
+
+    def spy(ids, slots):
+        shapes.append(tuple(ids.shape))
+        return orig(ids, slots)
+
+    engine.runner.prefill = spy
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (3, 9, 1, 6)]
+    params = SamplingParams(max_tokens=8, temperature=0)
+    rids = [engine.add_request(p, params) for p in prompts]
+    got = {r: [] for r in rids}
+    outs = engine.step()
+    assert shapes == [(4, 9)]  # one forward, 4 rows padded to the longest prompt
+    assert {o.request_id for o in outs} == set(rids)  # every request got its first token from it
+    while True:
+        for o in outs:
+            got[o.request_id] += o.token_ids
+        if not engine.has_unfinished():
+            break
+        outs = engine.step()
+    assert shapes == [(4, 9)]  # decoding ran no further prefill
+    for rid, p in zip(rids, prompts):
+        assert len(got[rid]) == 8
+        assert got[rid] == _full_logits(model, p, got[rid]).argmax(-1).tolist()

@@ -129,6 +129,75 @@ def test_rl_dapo_dynamic_sampling_and_student(student_dir, tmp_path):
     assert_stage_dir(out, student_dir)
 
 
+class ListStream:
+    """A question stream in a fixed order (collect_rollout only calls take)."""
+
+    def __init__(self, entries):
+        self.entries, self.pos, self.taken = entries, 0, []
+
+    def take(self, n):
+        self.taken.append(n)
+        out = self.entries[self.pos: self.pos + n]
+        self.pos += n
+        return out
+
+
+def scripted_rollout(calls):
+    """A stand-in for grpo.sample_rollout: each entry's G rewards are its "rewards" field (flat or mixed)."""
+    from nanoseek.train.rewards import Reward
+
+    def sample(engine, tok, entries, cfg, seed=None):
+        calls.append(([e["id"] for e in entries], seed))
+        G = cfg.num_generations
+        ro = Rollout([], [], [], [], [], [], [])
+        for e in entries:
+            assert len(e["rewards"]) == G
+            for r in e["rewards"]:
+                ro.prompts.append([e["id"]])
+                ro.completions.append([7])
+                ro.entries.append(e)
+                ro.texts.append("")
+                ro.rewards.append(Reward(reward=r, accuracy=r, lenient=r, format=0.0, overlong=0.0, answer=None))
+                ro.truncated.append(False)
+                ro.sampler_logprobs.append([0.0])
+        return ro
+
+    return sample
+
+
+FLAT0, FLAT1, MIXED, NEAR = [0.0] * 4, [1.0] * 4, [0.0, 1.0, 0.0, 1.0], [1.0, 1.0, 1.0, 0.5]
+
+
+@pytest.mark.parametrize("case", ["fills", "round_limit", "off"])
+def test_dynamic_sampling_keeps_mixed_groups_and_samples_more(case, monkeypatch):
+    """collect_rollout with scripted rewards (G = 4, 4 groups per step): only groups whose rewards differ are
+    kept; each extra round asks for just the missing groups; at max_sample_rounds it tops up with the first flat
+    groups sampled; the logged zero-variance share covers everything sampled, and sample_rounds the rounds."""
+    calls = []
+    monkeypatch.setattr(grpo, "sample_rollout", scripted_rollout(calls))
+    plans = {  # entries in stream order, the groups each round asks for, the kept ids, rounds
+        "fills": ([FLAT0, MIXED, FLAT1, NEAR, FLAT1, MIXED, MIXED, FLAT0], [4, 2, 1], [1, 3, 5, 6], 3),
+        "round_limit": ([FLAT0, MIXED, FLAT1, FLAT0, FLAT1, NEAR, FLAT0, MIXED], [4, 3], [1, 5, 0, 2], 2),
+        "off": ([FLAT0, MIXED, FLAT1, NEAR, MIXED], [4], [0, 1, 2, 3], 1),
+    }
+    rewards, asked, kept_ids, want_rounds = plans[case]
+    entries = [{"id": i, "rewards": r} for i, r in enumerate(rewards)]
+    cfg = GRPOConfig(num_generations=4, prompts_per_step=4, max_sample_rounds=2 if case == "round_limit" else 5,
+                     dynamic_sampling=case != "off", seed=1)
+    stream = ListStream(entries)
+    batch, seen, rounds = grpo.collect_rollout(None, None, stream, cfg, step=3)
+    assert rounds == want_rounds and stream.taken == asked
+    assert [ids for ids, _ in calls] == [list(range(sum(asked[:k]), sum(asked[:k + 1]))) for k in range(len(asked))]
+    assert len({seed for _, seed in calls}) == len(calls)  # every round draws fresh samples
+    assert batch.prompts[::4] == [[i] for i in kept_ids] and len(batch) == 16
+    assert [r.reward for r in batch.rewards] == [r for i in kept_ids for r in rewards[i]]  # whole groups, in order
+    n_seen = sum(asked)
+    assert seen.prompts[::4] == [[i] for i in range(n_seen)]  # everything sampled, for the logs
+    stats = grpo.rollout_stats(seen.rewards, [len(c) for c in seen.completions], seen.truncated, 4)
+    flat = sum(rewards[i] in (FLAT0, FLAT1) for i in range(n_seen))
+    assert stats["zero_variance_groups"] == pytest.approx(flat / n_seen)  # fills: 3/7; round_limit: 5/7
+
+
 def test_grpo_updates_raise_rewarded_completions():
     """A fixed toy batch: for each prompt, completion "a a a" is rewarded and "b b b" is not. A few GRPO steps must
     raise log π of the rewarded ones and lower the others (the sign and wiring of the whole update path)."""
