@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 from serve_fixtures import LiveServer, free_port, make_engine, script_ids, tiny_model_and_tokenizer
 
 import nanoseek
@@ -65,6 +66,25 @@ def metric(server, name: str, labels: str = "") -> float:
     text = httpx.get(server.url + "/metrics").text
     m = re.search(rf"^{re.escape(name + labels)} ([0-9.e+-]+)$", text, re.M)
     return float(m.group(1)) if m else 0.0
+
+
+def scrape(server) -> dict:
+    """Every sample of /metrics, parsed by prometheus_client: {(name, sorted label items): value}."""
+    text = httpx.get(server.url + "/metrics").text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def val(samples: dict, name: str, **labels) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    assert key in samples, f"{name}{labels or ''} is not in /metrics"
+    return samples[key]
+
+
+def reply(client, **kw) -> tuple:
+    """(reasoning_content, content) of one chat reply to "hi"."""
+    m = client.chat.completions.create(model=MODEL, messages=HI, **kw).choices[0].message
+    return m.reasoning_content, m.content
 
 
 # ---- happy paths with the official client ----
@@ -130,11 +150,29 @@ def test_sampling_params_n_seed_stop_and_max_completion_tokens(client):
     texts = [(c.message.reasoning_content, c.message.content) for c in a.choices]
     assert texts == [(c.message.reasoning_content, c.message.content) for c in b.choices]  # seed reproduces
     assert a.usage.completion_tokens <= 3 * 12
+    # The seed must matter too: an overfit model could answer the same with any seed (or none), which would make
+    # the reproducibility check above unable to fail. At a high temperature, different seeds must diverge.
+    hot = dict(temperature=3.0, max_tokens=16)
+    outs = [reply(client, seed=s, **hot) for s in range(6)]
+    assert len(set(outs)) >= 2, f"six seeds gave one output: {outs[0]!r}"
+    assert [reply(client, seed=s, **hot) for s in range(6)] == outs  # and each seed reproduces its own
     r = client.chat.completions.create(model=MODEL, messages=HI, temperature=0, max_completion_tokens=4)
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 4
     r = client.chat.completions.create(model=MODEL, messages=HI, temperature=0, stop=["How"])
     assert r.choices[0].finish_reason == "stop"
     assert r.choices[0].message.content == "\nHello! "  # the stop string is not included
+
+
+def test_top_k_and_min_p_reach_the_engine(client):
+    # top_k=1, or min_p=1 (keep only tokens as likely as the top one), leaves only the argmax: at a temperature
+    # where free sampling leaves the greedy path, these must still give the greedy reply, for every seed.
+    hot = dict(temperature=3.0, max_tokens=16)
+    greedy = reply(client, temperature=0, max_tokens=16)
+    free = [reply(client, seed=s, **hot) for s in range(6)]
+    assert any(f != greedy for f in free), "control: sampling at this temperature never left the greedy path"
+    for s in range(6):
+        assert reply(client, seed=s, extra_body={"top_k": 1}, **hot) == greedy, f"top_k ignored (seed {s})"
+        assert reply(client, seed=s, extra_body={"min_p": 1.0}, **hot) == greedy, f"min_p ignored (seed {s})"
 
 
 def test_completions(client, tiny):
@@ -160,22 +198,70 @@ def test_completions(client, tiny):
     assert r3.usage.prompt_tokens == len(ids) + len(two)
 
 
-def test_models_health_metrics(client, server):
+RUNNING, WAITING, KV = "nanoseek:num_requests_running", "nanoseek:num_requests_waiting", "nanoseek:kv_cache_usage_perc"
+TTFT, TPOT, E2E = ("nanoseek:time_to_first_token_seconds", "nanoseek:time_per_output_token_seconds",
+                   "nanoseek:e2e_request_latency_seconds")
+
+
+def wait_metric(server, name: str, want: float, timeout: float = 10.0) -> dict:
+    """Poll /metrics until `name` reads `want` (gauges follow the engine at step boundaries); the last scrape."""
+    deadline = time.time() + timeout
+    while True:
+        samples = scrape(server)
+        if val(samples, name) == want or time.time() > deadline:
+            assert val(samples, name) == want, f"{name} = {val(samples, name)}, expected {want}"
+            return samples
+        time.sleep(0.05)
+
+
+def test_models_health_metrics(client, server, engine):
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL]
     assert models.data[0].max_model_len == MAX_LEN
     assert client.models.retrieve(MODEL).id == MODEL
     assert httpx.get(server.url + "/health").status_code == 200
-    client.chat.completions.create(model=MODEL, messages=HI, temperature=0)
-    text = httpx.get(server.url + "/metrics").text
-    for name in ("nanoseek:num_requests_running", "nanoseek:num_requests_waiting", "nanoseek:kv_cache_usage_perc",
-                 "nanoseek:prompt_tokens_total", "nanoseek:generation_tokens_total",
-                 "nanoseek:time_to_first_token_seconds_bucket", "nanoseek:time_per_output_token_seconds_bucket",
-                 "nanoseek:e2e_request_latency_seconds_count",
-                 'nanoseek:request_success_total{finished_reason="stop"}'):
-        assert name in text, name
-    assert metric(server, "nanoseek:generation_tokens_total") > 0
-    assert metric(server, "nanoseek:e2e_request_latency_seconds_count") >= 1
+
+    # The gauges follow the engine: one running request while a reply streams, all zero when idle.
+    wait_idle(engine)
+    e2e0 = val(scrape(server), E2E + "_count")
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "sing"}], "max_tokens": 100, "stream": True,
+            "temperature": 0, "ignore_eos": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(4):  # the role chunk and a few tokens: surely running now
+            next(lines)
+        busy = scrape(server)
+    assert val(busy, RUNNING) == 1 and val(busy, WAITING) == 0
+    assert 0 < val(busy, KV) <= 1
+    wait_idle(engine)
+    wait_metric(server, E2E + "_count", e2e0 + 1)  # the hung-up request is reported once, as an abort
+    for name in (RUNNING, WAITING, KV):
+        wait_metric(server, name, 0)
+
+    # Completed requests move every counter and histogram by exactly what they did.
+    before = scrape(server)
+    rs = [client.chat.completions.create(model=MODEL, messages=HI, temperature=0),
+          client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is 2+3?"}],
+                                         temperature=0),
+          client.chat.completions.create(model=MODEL, messages=HI, temperature=0, max_completion_tokens=1)]
+    after = scrape(server)
+
+    def delta(name, **labels):
+        return val(after, name, **labels) - val(before, name, **labels)
+
+    n = len(rs)
+    assert [r.choices[0].finish_reason for r in rs] == ["stop", "stop", "length"]
+    assert rs[2].usage.completion_tokens == 1 and min(r.usage.completion_tokens for r in rs[:2]) > 1
+    assert delta(E2E + "_count") == n and delta(E2E + "_bucket", le="+Inf") == n
+    assert delta(TTFT + "_count") == n and delta(TTFT + "_bucket", le="+Inf") == n
+    assert delta(TPOT + "_count") == 2  # one observation per request with more than one token: not the third
+    assert delta(TTFT + "_sum") > 0 and delta(TPOT + "_sum") > 0 and delta(E2E + "_sum") >= delta(TTFT + "_sum")
+    assert delta("nanoseek:prompt_tokens_total") == sum(r.usage.prompt_tokens for r in rs)
+    assert delta("nanoseek:generation_tokens_total") == sum(r.usage.completion_tokens for r in rs)
+    assert delta("nanoseek:request_success_total", finished_reason="stop") == 2
+    assert delta("nanoseek:request_success_total", finished_reason="length") == 1
+    for name in (RUNNING, WAITING, KV):
+        wait_metric(server, name, 0)
 
 
 def test_chat_page_is_served(server):
@@ -191,6 +277,7 @@ BAD = [
     ({"model": MODEL, "messages": HI, "max_tokens": 0}, 400, "max_tokens"),
     ({"model": MODEL, "messages": HI, "max_tokens": MAX_LEN}, 400, "max_tokens"),
     ({"model": MODEL, "messages": HI, "max_completion_tokens": -3}, 400, "max_completion_tokens"),
+    ({"model": MODEL, "messages": HI, "max_completion_tokens": MAX_LEN}, 400, "max_completion_tokens"),
     ({"model": MODEL, "messages": HI, "temperature": -0.1}, 400, "temperature"),
     ({"model": MODEL, "messages": HI, "top_p": 0}, 400, "top_p"),
     ({"model": MODEL, "messages": HI, "top_p": 1.5}, 400, "top_p"),

@@ -170,7 +170,10 @@ class Server:
         return APIError(413, f"the body is {size} bytes or more, over the limit of {self.max_body} bytes; "
                              "send a shorter prompt")
 
-    def sampling_params(self, req: P._Sampling, prompts: list[list[int]], max_tokens: int | None, prompt_param: str):
+    def sampling_params(self, req: P._Sampling, prompts: list[list[int]], max_tokens: int | None, prompt_param: str,
+                        max_tokens_param: str = "max_tokens"):
+        """`max_tokens_param` names the field the client sent the limit in (chat's max_completion_tokens or
+        max_tokens), so that an error about it points at that field."""
         from nanoseek.infer.sampling import SamplingParams
 
         max_len = self.aengine.engine.max_model_len
@@ -192,8 +195,8 @@ class Server:
         if max_tokens is None:
             max_tokens = room
         elif max_tokens > room:
-            raise APIError(400, f"max_tokens={max_tokens} plus the {longest}-token prompt exceeds the context of "
-                                f"{max_len} tokens; ask for at most {room}", param="max_tokens")
+            raise APIError(400, f"{max_tokens_param}={max_tokens} plus the {longest}-token prompt exceeds the "
+                                f"context of {max_len} tokens; ask for at most {room}", param=max_tokens_param)
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                               top_k=max(0, req.top_k), min_p=req.min_p, seed=req.seed, stop=req.stop_list(),
                               stop_token_ids=list(req.stop_token_ids), ignore_eos=req.ignore_eos, n=req.n)
@@ -393,8 +396,9 @@ def create_app(engine, tokenizer, served_model_name: str = "nanoseek", api_key: 
             prompt = srv.tokenizer.encode_chat(messages, add_generation_prompt=True)
         except ValueError as e:
             raise APIError(400, f"messages: {e}", param="messages") from None
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = srv.sampling_params(req, [prompt], max_tokens, "messages")
+        # max_completion_tokens (OpenAI's current name) wins over the deprecated max_tokens when both are sent.
+        max_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        params = srv.sampling_params(req, [prompt], getattr(req, max_param), "messages", max_param)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         handle = await srv.submit([prompt], params, rid)
         model_name = srv.name
