@@ -153,23 +153,33 @@ def make_optimizer(model: torch.nn.Module, cfg: LoopConfig) -> torch.optim.AdamW
                              eps=cfg.eps)
 
 
-def measure_peak_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int = 1024) -> float:
-    """Dense matmul throughput actually reachable here (the MFU denominator on machines without a spec sheet)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(3):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+def measure_peak_tflops(device: torch.device, dtype: torch.dtype = torch.float32, budget_s: float = 0.5) -> float:
+    """Dense matmul throughput actually reachable here in `dtype` (the MFU denominator on machines without a spec
+    sheet), in about `budget_s`. The size grows from 128 while one matmul is cheap: a CPU without native bf16 (no
+    AVX512-BF16/AMX, e.g. the AMD EPYC this was tuned on) runs a 1024^3 bf16 matmul in ~2.5 s, and a fixed 1024
+    cost such a machine 89 s per training stage."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def once(a, b):
+        sync()
         t = time.perf_counter()
-        reps = 10
-        for _ in range(reps):
-            a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - t) / reps)
+        a @ b
+        sync()
+        return time.perf_counter() - t
+
+    n = 128
+    while True:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        once(a, b)  # warm-up
+        dt = once(a, b)
+        if dt > budget_s / 20 or n >= 4096:
+            break
+        n *= 2
+    best, spent = dt, 0.0
+    while spent < budget_s:
+        t = once(a, b)
+        best, spent = min(best, t), spent + t
     return 2 * n**3 / best / 1e12
 
 
@@ -243,10 +253,10 @@ class Trainer:
         self.extra_state: dict = {}  # stage-specific JSON state saved in checkpoints
         self.flops_per_token = flops_per_token
         self.peak_tflops = cfg.peak_tflops
-        if flops_per_token and not self.peak_tflops:
-            self.peak_tflops = measure_peak_tflops(self.device)  # once, before any step is timed
-        self.run_info = run_info or {}
         self.autocast_dtype = DTYPES[cfg.dtype]
+        if flops_per_token and not self.peak_tflops:  # once, before any step is timed, in the dtype matmuls run in
+            self.peak_tflops = measure_peak_tflops(self.device, self.autocast_dtype or torch.float32)
+        self.run_info = run_info or {}
         self.main = is_main_process()
         self.bar = None
         if self.main:
