@@ -275,8 +275,9 @@ def _steps(z: float | None, r: float | None) -> str:
     return "" if None in (z, r) else f"; step-consistent samples {100 * z:.1f} → {100 * r:.1f}"
 
 
-def goals(evals: dict[str, dict]) -> list[str]:
-    """Issue 4's goals at cpu-tiny, checked on the test split's pooled pass@1, whatever they show."""
+def goals(evals: dict[str, dict], stage_rec: dict[str, dict | None] | None = None) -> list[str]:
+    """Issue 4's goals at cpu-tiny, checked on the test split's pooled pass@1, whatever they show. `stage_rec`
+    (stage.json by stage) adds the two student arms' CPU seconds: the RL-only arm should cost what distilling did."""
     def p(stage, metric="pass@1"):
         return _mean(evals.get(stage), "test", "all", metric)
 
@@ -310,8 +311,14 @@ def goals(evals: dict[str, dict]) -> list[str]:
     goal("the distilled student beats the same student trained by RL alone",
          None if None in (s, srl) else s > srl,
          "missing stage" if None in (s, srl) else f"distilled {100 * s:.1f} vs RL-only {100 * srl:.1f}"
-         + _overlap(evals, "distill", "student_rl"))
+         + _compute(stage_rec or {}, "distill", "student_rl") + _overlap(evals, "distill", "student_rl"))
     return out
+
+
+def _compute(stage_rec: dict, a: str, b: str) -> str:
+    """The compute of two arms, from their stage.json CPU seconds, so 'at similar compute' can be checked."""
+    ca, cb = ((stage_rec.get(x) or {}).get("cpu_seconds") for x in (a, b))
+    return "" if None in (ca, cb) else f"; CPU seconds {ca:.0f} vs {cb:.0f}"
 
 
 def _overlap(evals: dict, a: str, b: str) -> str:
@@ -484,7 +491,7 @@ def write_report(run_dir: str | Path) -> Path:
     # ---- goals
     md += ["## Goals", "", "Issue 4's goals, set for the cpu-tiny preset" + (f" (this run: {preset})" if preset and
            Path(str(preset)).stem != "cpu-tiny" else "") + "; checked on the held-out test split, whatever they show.",
-           ""] + goals(evals) + [""]
+           ""] + goals(evals, stage_rec) + [""]
     md += ["## Files", "", f"Plots in `{plots.name}/`; per-step metrics in each stage's `metrics.jsonl`; eval "
            "results in `eval/<stage>.json`; stage logs in `logs/`.", ""]
     out = run / "report.md"

@@ -42,8 +42,11 @@ def test_smoke_pipeline_end_to_end(tmp_path, capsys):
     assert "Missing stages" not in report
     for label in (LABEL[s] for s in MODEL_STAGES):
         assert f"| {label} |" in report  # a row in the eval table
-    assert (run / "plots" / "pretrain_loss.png").stat().st_size > 0
-    assert (run / "plots" / "rl.png").stat().st_size > 0
+    for png in ("pretrain_loss", "rl", "stages", "expert_load_steps", "expert_load_eval"):
+        assert (run / "plots" / f"{png}.png").stat().st_size > 0, png
+    student_goal = next(line for line in report.splitlines() if "trained by RL alone:" in line)
+    cpu = [json.loads((run / s / "stage.json").read_text())["cpu_seconds"] for s in ("distill", "student_rl")]
+    assert f"CPU seconds {cpu[0]:.0f} vs {cpu[1]:.0f}" in student_goal  # 'at similar compute' can be read off
     state = json.loads((run / "speedrun.json").read_text())
     assert set(state["stages"]) >= {"tasks", "tokenizer", *MODEL_STAGES, "eval", "report"}
 
