@@ -5,7 +5,6 @@ bounded load test, and the terminal chat."""
 import asyncio
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -62,17 +61,16 @@ def wait_idle(engine, timeout=30.0) -> dict:
     raise AssertionError(f"engine still busy after {timeout} s: {engine.stats()}")
 
 
-def metric(server, name: str, labels: str = "") -> float:
-    text = httpx.get(server.url + "/metrics").text
-    m = re.search(rf"^{re.escape(name + labels)} ([0-9.e+-]+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
-
-
 def scrape(server) -> dict:
     """Every sample of /metrics, parsed by prometheus_client: {(name, sorted label items): value}."""
     text = httpx.get(server.url + "/metrics").text
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def metric(server, name: str, **labels) -> float:
+    """One sample of /metrics; 0 while the series has none yet (a labelled counter before its first event)."""
+    return scrape(server).get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def val(samples: dict, name: str, **labels) -> float:
@@ -246,8 +244,8 @@ def test_models_health_metrics(client, server, engine):
           client.chat.completions.create(model=MODEL, messages=HI, temperature=0, max_completion_tokens=1)]
     after = scrape(server)
 
-    def delta(name, **labels):
-        return val(after, name, **labels) - val(before, name, **labels)
+    def delta(name, **labels):  # a labelled series is absent before its first event: it counted 0 then
+        return val(after, name, **labels) - before.get((name, tuple(sorted(labels.items()))), 0.0)
 
     n = len(rs)
     assert [r.choices[0].finish_reason for r in rs] == ["stop", "stop", "length"]
@@ -397,7 +395,7 @@ def test_health_is_503_until_loaded(tiny):
 
 def test_streaming_client_disconnect_aborts(server, engine):
     wait_idle(engine)
-    before = metric(server, "nanoseek:request_success_total", '{finished_reason="abort"}')
+    before = metric(server, "nanoseek:request_success_total", finished_reason="abort")
     body = {"model": MODEL, "messages": [{"role": "user", "content": "sing"}], "max_tokens": 100, "stream": True,
             "temperature": 0, "ignore_eos": True}  # runs to max_tokens: surely unfinished when we hang up
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
@@ -406,7 +404,7 @@ def test_streaming_client_disconnect_aborts(server, engine):
     assert any("reasoning_content" in x for x in got)
     wait_idle(engine)
     deadline = time.time() + 10
-    while metric(server, "nanoseek:request_success_total", '{finished_reason="abort"}') < before + 1:
+    while metric(server, "nanoseek:request_success_total", finished_reason="abort") < before + 1:
         assert time.time() < deadline, "the disconnected request was not aborted"
         time.sleep(0.05)
 
@@ -414,7 +412,7 @@ def test_streaming_client_disconnect_aborts(server, engine):
 def test_non_streaming_client_disconnect_aborts(server, engine):
     """Drive the ASGI app directly: the client hangs up right after sending its body."""
     wait_idle(engine)
-    before = metric(server, "nanoseek:request_success_total", '{finished_reason="abort"}')
+    before = metric(server, "nanoseek:request_success_total", finished_reason="abort")
     body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "sing"}], "max_tokens": 100,
                        "temperature": 0, "ignore_eos": True}).encode()
     sent = []
@@ -442,7 +440,7 @@ def test_non_streaming_client_disconnect_aborts(server, engine):
     assert sent[0]["status"] == 499  # nobody to answer
     wait_idle(engine)
     deadline = time.time() + 10
-    while metric(server, "nanoseek:request_success_total", '{finished_reason="abort"}') < before + 1:
+    while metric(server, "nanoseek:request_success_total", finished_reason="abort") < before + 1:
         assert time.time() < deadline, "the abandoned request was not aborted"
         time.sleep(0.05)
 
@@ -491,7 +489,7 @@ def test_async_engine_stream_cancel_aborts_and_frees_slots(tiny):
 
 def test_load_200_requests_32_concurrent_10pct_aborted(server, engine, tiny):
     wait_idle(engine)
-    aborts_before = metric(server, "nanoseek:request_success_total", '{finished_reason="abort"}')
+    aborts_before = metric(server, "nanoseek:request_success_total", finished_reason="abort")
     tok = tiny[1]
     prompt_ids = tok.encode_chat(HI)
     # as long as the context allows: far past the 3 events read before hanging up
@@ -544,7 +542,7 @@ def test_load_200_requests_32_concurrent_10pct_aborted(server, engine, tiny):
     assert s["slots_used"] == 0
     # Each hung-up stream was aborted on the server (they would run to the end of the context, far past the 3
     # events we read, so a loaded machine cannot finish them before the hang-up is noticed).
-    assert metric(server, "nanoseek:request_success_total", '{finished_reason="abort"}') == aborts_before + 20
+    assert metric(server, "nanoseek:request_success_total", finished_reason="abort") == aborts_before + 20
     print(f"load: 200 requests in {took:.1f}s")
 
 
