@@ -156,8 +156,8 @@ def make_optimizer(model: torch.nn.Module, cfg: LoopConfig) -> torch.optim.AdamW
 def measure_peak_tflops(device: torch.device, dtype: torch.dtype = torch.float32, budget_s: float = 0.5) -> float:
     """Dense matmul throughput actually reachable here in `dtype` (the MFU denominator on machines without a spec
     sheet), in about `budget_s`. The size grows from 128 while one matmul is cheap: a CPU without native bf16 (no
-    AVX512-BF16/AMX, e.g. the AMD EPYC this was tuned on) runs a 1024^3 bf16 matmul in ~2.5 s, and a fixed 1024
-    cost such a machine 89 s per training stage."""
+    AVX512-BF16/AMX, such as an AVX2-only AMD EPYC) runs a 1024^3 bf16 matmul in ~2.5 s, and a fixed 1024 cost such a
+    machine 89 s per training stage."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def once(a, b):
