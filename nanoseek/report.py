@@ -400,8 +400,14 @@ def write_report(run_dir: str | Path) -> Path:
                   f"{_fmt_tokens(rec.get('tokens'))} | {_fmt_rss(rec.get('peak_rss'))} | {rec.get('figure') or '–'} |")
         if rec:
             costs[label] = rec
-    total = speed.get("seconds") or sum(r.get("seconds") or 0 for r in costs.values())
-    md += ["", f"Total wall-clock: {total:.0f} s ({total / 60:.1f} min)." if total else "", ""]
+    total = sum(r.get("seconds") or 0 for r in costs.values())
+    wall = speed.get("wall_seconds") or total  # stages that ran side by side (speedrun.jobs > 1) overlap
+    line = f"Total wall-clock: {wall:.0f} s ({wall / 60:.1f} min)" if wall else ""
+    if wall and abs(wall - total) > 1:
+        line += f"; the stages' own seconds add up to {total:.0f} s (some ran side by side)"
+    if speed.get("peak_rss_together"):
+        line += f"; peak RSS of the stages running at once, summed: {_fmt_rss(speed['peak_rss_together'])}"
+    md += ["", line + "." if line else "", ""]
     if plot_stage_costs(costs, plots / "stages.png"):
         md += ["![wall-clock and tokens per stage](plots/stages.png)", ""]
 

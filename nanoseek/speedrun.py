@@ -46,12 +46,15 @@ class SpeedrunConfig:
                                                          "distill", "student_rl"])  # stages whose model is evaluated
     student_rl: bool = True  # run the RL-only student arm (the paper's "distillation beats RL on a small model")
     budget_minutes: float = 20.0  # printed against the total; exceeding it is reported, not fatal
-    budget_rss_gib: float = 8.0  # the same for the largest stage's peak RSS
+    budget_rss_gib: float = 8.0  # the same for the peak RSS of the stages running at once, summed
+    jobs: int = 1  # stages run at once, as `make -j`: each also needs its section's `threads` of the free cores
 
     def __post_init__(self):
         unknown = [s for s in self.evaluate if s not in MODEL_STAGES]
         if unknown:
             raise ConfigError(f"speedrun.evaluate: unknown stage(s) {unknown}; choose from {', '.join(MODEL_STAGES)}")
+        if self.jobs < 1:
+            raise ConfigError(f"speedrun.jobs: must be >= 1, got {self.jobs}; 1 runs the stages one after another")
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,8 @@ class Stage:
     args: tuple[str, ...] = ()
     model: str | None = None  # the checkpoint it leaves, relative to the run dir (None: no model)
     figure: Callable[[Path], str] | None = None  # the key figure of its progress line, read from its outputs
+    after: tuple[str, ...] = ()  # stages whose outputs it reads: it starts once they are done
+    threads: Callable | None = None  # preset -> the CPU threads it runs with (0: all cores); None: 1
 
 
 def _last(path: Path, *keys: str) -> dict:
@@ -107,22 +112,33 @@ def _fig_rl(d: Path) -> str:
     return ", ".join(parts) or "no metrics"
 
 
+def _threads(section: str, field: str = "threads") -> Callable:
+    return lambda preset: getattr(preset.section(section), field)
+
+
+def _student_threads(preset) -> int:
+    cfg = preset.section("pretrain")
+    return cfg.student_threads or cfg.threads
+
+
 STAGES: list[Stage] = [
     Stage("tasks", None, figure=lambda d: (d / "figure.txt").read_text()),
-    Stage("tokenizer", "tokenizer", ("--out", "{run}/tokenizer"), figure=_fig_tokenizer),
+    Stage("tokenizer", "tokenizer", ("--out", "{run}/tokenizer"), figure=_fig_tokenizer, after=("tasks",)),
     Stage("pretrain", "pretrain", ("--out", "{run}/pretrain", "--tokenizer", "{run}/tokenizer"), model="pretrain/model",
-          figure=_fig_train),
+          figure=_fig_train, after=("tokenizer",), threads=_threads("pretrain")),
     Stage("zero", "rl", ("--zero", "--model", "{model:pretrain}", "--out", "{run}/zero"), model="zero/model",
-          figure=_fig_rl),
+          figure=_fig_rl, after=("pretrain",), threads=_threads("rl")),
     Stage("sft", "sft", ("--model", "{model:pretrain}", "--traces-from", "{model:zero}", "--out", "{run}/sft"),
-          model="sft/model", figure=_fig_sft),
-    Stage("rl", "rl", ("--model", "{model:sft}", "--out", "{run}/rl"), model="rl/model", figure=_fig_rl),
+          model="sft/model", figure=_fig_sft, after=("pretrain", "zero"), threads=_threads("sft")),
+    Stage("rl", "rl", ("--model", "{model:sft}", "--out", "{run}/rl"), model="rl/model", figure=_fig_rl,
+          after=("sft",), threads=_threads("rl")),
     Stage("student_base", "pretrain", ("--student", "--out", "{run}/student_base", "--tokenizer", "{run}/tokenizer"),
-          model="student_base/model", figure=_fig_train),
+          model="student_base/model", figure=_fig_train, after=("tokenizer",), threads=_student_threads),
     Stage("distill", "distill", ("--teacher", "{model:rl}", "--student", "{model:student_base}", "--out",
-                                 "{run}/distill"), model="distill/model", figure=_fig_sft),
+                                 "{run}/distill"), model="distill/model", figure=_fig_sft,
+          after=("rl", "student_base"), threads=_threads("distill")),
     Stage("student_rl", "rl", ("--student", "--model", "{model:student_base}", "--out", "{run}/student_rl"),
-          model="student_rl/model", figure=_fig_rl),
+          model="student_rl/model", figure=_fig_rl, after=("student_base",), threads=_threads("rl")),
 ]
 BY_NAME = {s.name: s for s in STAGES}
 MODEL_STAGES = [s.name for s in STAGES if s.model]
@@ -195,24 +211,41 @@ def check_available(stages: list[Stage]) -> None:
 # ---- running one stage -------------------------------------------------------------------------------------------
 
 
-def run_subprocess(argv: list[str], log: Path) -> tuple[int, float, int, float]:
-    """Run `python -m nanoseek argv` with output to `log`; (exit code, wall seconds, peak RSS in bytes, CPU
-    seconds) of that child. CPU seconds say what the stage costs when the machine is shared (wall-clock does not)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
-    t0 = time.perf_counter()
-    with open(log, "a") as f:
-        f.write(f"\n$ nanoseek {' '.join(argv)}\n")
-        f.flush()
-        p = subprocess.Popen([sys.executable, "-m", "nanoseek", *argv], stdout=f, stderr=subprocess.STDOUT, env=env)
-        try:
-            _, status, usage = os.wait4(p.pid, 0)  # wait4, not p.wait(): it returns this child's own rusage
-        except KeyboardInterrupt:
-            p.terminate()
-            p.wait()
-            raise
-        p.returncode = os.waitstatus_to_exitcode(status)
-    cpu = usage.ru_utime + usage.ru_stime
-    return p.returncode, time.perf_counter() - t0, usage.ru_maxrss * 1024, cpu  # Linux reports ru_maxrss in KiB
+@dataclass
+class Child:
+    """One `python -m nanoseek argv` running in the background, its output appended to `log`."""
+
+    argv: list[str]
+    log: Path
+    proc: subprocess.Popen | None = None
+    t0: float = 0.0
+    started: float = 0.0  # Unix time
+
+    def start(self) -> Child:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+        self.t0, self.started = time.perf_counter(), time.time()
+        with open(self.log, "a") as f:
+            f.write(f"\n$ nanoseek {' '.join(self.argv)}\n")
+            f.flush()
+            self.proc = subprocess.Popen([sys.executable, "-m", "nanoseek", *self.argv], stdout=f,
+                                         stderr=subprocess.STDOUT, env=env)
+        return self
+
+    def poll(self, block: bool = False) -> tuple[int, float, int, float] | None:
+        """None while it runs; then (exit code, wall seconds, peak RSS in bytes, CPU seconds) of this child alone.
+        wait4, not Popen.wait: it returns the child's own rusage. CPU seconds say what the stage costs when the
+        machine is shared (wall-clock does not)."""
+        pid, status, usage = os.wait4(self.proc.pid, 0 if block else os.WNOHANG)
+        if pid == 0:
+            return None
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        cpu = usage.ru_utime + usage.ru_stime
+        return self.proc.returncode, time.perf_counter() - self.t0, usage.ru_maxrss * 1024, cpu  # ru_maxrss: KiB
+
+    def stop(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.terminate()
+            self.poll(block=True)
 
 
 def tail(log: Path, n: int = 25) -> str:
@@ -252,6 +285,24 @@ def run_tasks_stage(run: Path, preset) -> str:
     return fig
 
 
+@dataclass
+class Job:
+    """What the scheduler runs: a stage, one model's eval (`eval:<stage>`), or a quick step done in-process
+    (`inline`: the task splits, the eval summary, the report)."""
+
+    name: str
+    after: tuple[str, ...]  # jobs that must be done first
+    threads: int  # cores it holds while it runs
+    inline: Callable[[], dict | None] | None = None
+    resumed: bool = False
+
+
+def peak_together(intervals: list[tuple[float, float, int]]) -> int:
+    """The largest sum of peak RSS over children that ran at the same time: (start, end, peak) each. An upper
+    bound of the machine's peak (each child's own peak counts for its whole life)."""
+    return max((sum(r for s, e, r in intervals if s <= t < e) for t, _, _ in intervals), default=0)
+
+
 class Speedrun:
     def __init__(self, run: Path, preset_name: str, sets: list[str], until: str | None = None,
                  redo: str | None = None, quiet: bool = False):
@@ -261,6 +312,7 @@ class Speedrun:
         self.until, self.redo, self.quiet = until, redo, quiet
         self.logs = run / "logs"
         self.state_path = run / "speedrun.json"
+        self.eval_costs: dict[str, tuple[float, int, float]] = {}  # this session's evals: seconds, RSS, CPU s
 
     def say(self, text: str, end: str = "\n") -> None:
         if not self.quiet:
@@ -310,121 +362,238 @@ class Speedrun:
         check_available([BY_NAME[n] for n in names if n in BY_NAME])
         state.update(preset=self.preset_name, sets=self.sets, preset_path=str(self.preset.path))
         state.setdefault("stages", {})
+        self.state, self.names = state, names
+        cores = len(os.sched_getaffinity(0))
+        jobs = self.plan(names, cores)
+        self.say(f"speedrun: preset {self.preset_name} -> {self.run} (logs in {self.logs}/)"
+                 + (f"; up to {self.cfg.jobs} stages at once on {cores} cores, a line as each ends"
+                    if self.cfg.jobs > 1 else ""))
+        done = set()
+        for job in jobs:  # finished in an earlier session: said once, up front, in pipeline order
+            rec = self.earlier(job.name)
+            if rec is not None:
+                done.add(job.name)
+                if job.name in BY_NAME:
+                    state["stages"][job.name] = rec
+                    self.say(f"{self.prefix(job.name)} done earlier ({rec.get('seconds') or 0:.1f}s)  "
+                             f"{rec.get('figure', '')}")
+        pending = [j for j in jobs if j.name not in done]
+        running: dict[str, tuple[Job, Child]] = {}
+        failed: list[str] = []
         t_start = time.perf_counter()
-        self.say(f"speedrun: preset {self.preset_name} -> {self.run} (logs in {self.logs}/)")
-        for i, name in enumerate(names, 1):
-            prefix = f"[{i:2d}/{len(names)}] {name:<12s}"
-            if name == "eval":
-                rec = self.eval_all(prefix)
-            elif name == "report":
-                from nanoseek.report import write_report
-
-                t0 = time.perf_counter()
-                state["seconds"] = sum((r or {}).get("seconds") or 0 for r in state["stages"].values())
-                write_json(self.state_path, state)
-                out = write_report(self.run)
-                rec = {"seconds": time.perf_counter() - t0, "figure": str(out)}
-                self.say(f"{prefix} {rec['seconds']:7.1f}s  {out}")
-            else:
-                rec = self.run_stage(BY_NAME[name], prefix)
-            if rec is None:
-                return 1
-            state["stages"][name] = rec
+        self.intervals: list[tuple[float, float, int]] = []  # (start, end, peak RSS) of each child this session
+        self.wall_before = state.get("wall_seconds", 0.0)
+        self.t_start = t_start
+        try:
+            while pending or running:
+                started = True
+                while started and not failed:  # start every job whose inputs are done and that fits, in priority
+                    started = False
+                    for job in pending:
+                        if not all(d in done for d in job.after):
+                            continue
+                        used = sum(j.threads for j, _ in running.values())
+                        full = len(running) >= self.cfg.jobs or used + job.threads > cores
+                        if running and full and not job.inline:
+                            continue
+                        pending.remove(job)
+                        started = True
+                        if job.inline:  # quick steps the speedrun does itself
+                            rec = job.inline()
+                            if rec is None:
+                                failed.append(job.name)
+                            else:
+                                done.add(job.name)
+                        else:
+                            running[job.name] = (job, self.start(job).start())
+                        break
+                if not running:
+                    break
+                time.sleep(0.1)
+                for name, (job, child) in list(running.items()):
+                    result = child.poll()
+                    if result is None:
+                        continue
+                    del running[name]
+                    end = time.perf_counter() - t_start
+                    self.intervals.append((end - result[1], end, result[2]))
+                    if self.finish(job, child, *result):
+                        done.add(name)
+                    else:
+                        failed.append(name)
+                        if running:
+                            self.say(f"speedrun: waiting for the stages still running ({', '.join(running)})")
+        except KeyboardInterrupt:
+            for _, child in running.values():
+                child.stop()
+            raise
+        finally:
+            state["wall_seconds"] = self.wall_before + time.perf_counter() - t_start
+            state["peak_rss_together"] = max(state.get("peak_rss_together") or 0, peak_together(self.intervals))
             write_json(self.state_path, state)
-        wall = time.perf_counter() - t_start
+        if failed:
+            return 1
         total = sum((r or {}).get("seconds") or 0 for r in state["stages"].values())
         peak = max(((r or {}).get("peak_rss") or 0 for r in state["stages"].values()), default=0)
+        peak = max(peak, state["peak_rss_together"])
         state["seconds"] = total
         write_json(self.state_path, state)
-        self.say(f"speedrun: done in {wall:.0f}s this session; all stages {total:.0f}s = {total / 60:.1f} min "
-                 f"(budget {self.cfg.budget_minutes:g}), largest peak RSS {peak / 2**30:.2f} GiB "
-                 f"(budget {self.cfg.budget_rss_gib:g}); report: {self.run / 'report.md'}")
-        if total > 60 * self.cfg.budget_minutes or peak > self.cfg.budget_rss_gib * 2**30:
+        wall = state["wall_seconds"]
+        self.say(f"speedrun: done in {time.perf_counter() - t_start:.0f}s this session; the whole run "
+                 f"{wall:.0f}s = {wall / 60:.1f} min (budget {self.cfg.budget_minutes:g}; the stages' own seconds "
+                 f"add up to {total:.0f}), peak RSS {peak / 2**30:.2f} GiB (budget {self.cfg.budget_rss_gib:g}); "
+                 f"report: {self.run / 'report.md'}")
+        if wall > 60 * self.cfg.budget_minutes or peak > self.cfg.budget_rss_gib * 2**30:
             self.say("speedrun: OVER BUDGET (see the stage table in report.md)")
         return 0
 
-    def run_stage(self, stage: Stage, prefix: str) -> dict | None:
-        d = self.run / stage.name
-        marker = d / "stage.json"
-        done = read_json(marker)
-        if done is not None:
-            self.say(f"{prefix} done earlier ({done.get('seconds', 0):.1f}s)  {done.get('figure', '')}")
-            return done
-        self.say(f"{prefix} ", end="")
-        if stage.command is None:
-            t0 = time.perf_counter()
-            fig = run_tasks_stage(self.run, self.preset)
-            rec = {"seconds": time.perf_counter() - t0, "tokens": None, "peak_rss": None, "figure": fig}
-        else:
-            argv = [stage.command, *[expand(a, self.run) for a in stage.args], "--preset", self.preset_name]
-            for s in self.sets:
-                argv += ["--set", s]
-            resumed = False
-            if d.exists():
-                from nanoseek.train.loop import complete_checkpoints
+    # ---- the plan --------------------------------------------------------------------------------------------
+    def prefix(self, name: str) -> str:
+        return f"[{self.names.index(name) + 1:2d}/{len(self.names)}] {name:<12s}"
 
-                if has_flag(stage.command, "--resume") and complete_checkpoints(d):
-                    argv.append("--resume")
-                    resumed = True
-                else:  # nothing to resume from (crashed before its first checkpoint, or no --resume): start clean
-                    shutil.rmtree(d)
-            code, secs, rss, cpu = run_subprocess(argv, self.logs / f"{stage.name}.log")
-            if code != 0:
-                self.say(f"FAILED (exit {code} after {secs:.0f}s)")
-                self.say(tail(self.logs / f"{stage.name}.log"))
-                self.say(f"speedrun: stage {stage.name} failed; its log: {self.logs / (stage.name + '.log')}. Fix the "
-                         "cause and rerun the same command: finished stages are skipped and this one resumes.")
-                return None
-            if stage.model and not (self.run / stage.model / "config.json").is_file():
-                self.say(f"FAILED: exited 0 but left no checkpoint at {self.run / stage.model}")
-                return None
-            try:
-                fig = stage.figure(d) if stage.figure else ""
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                fig = f"(no key figure: {e})"
-            rec = {"seconds": secs, "cpu_seconds": cpu, "tokens": stage_tokens(d), "peak_rss": rss, "figure": fig,
-                   "resumed": resumed, "command": "nanoseek " + " ".join(argv)}
-        d.mkdir(parents=True, exist_ok=True)
-        write_json(marker, rec)
+    def plan(self, names: list[str], cores: int) -> list[Job]:
+        """Every job of this run in priority order: the stages in pipeline order (the teacher's chain is the
+        longest path, so it goes first), then each model's eval, then the eval summary and the report."""
+        def need(stage: Stage) -> int:
+            t = stage.threads(self.preset) if stage.threads else 1
+            return min(t or cores, cores)  # 0 threads: torch's default, every core
+
+        jobs = []
+        for n in names:
+            if n in BY_NAME:
+                s = BY_NAME[n]
+                jobs.append(Job(n, tuple(a for a in s.after if a in names), need(s),
+                                inline=(lambda: self.tasks_stage()) if s.command is None else None))
+        if "eval" in names:
+            evals = [s for s in self.cfg.evaluate if s in names]
+            t = min(self.preset.section("engine").threads or cores, cores)
+            jobs += [Job(f"eval:{s}", (s,), t) for s in evals]
+            jobs.append(Job("eval", tuple(f"eval:{s}" for s in evals), 0, inline=self.eval_summary))
+        if "report" in names:
+            jobs.append(Job("report", tuple(j.name for j in jobs), 0, inline=self.report_stage))
+        return jobs
+
+    def earlier(self, name: str) -> dict | None:
+        """The record of a job finished before this call (its completion marker), or None."""
+        if name.startswith("eval:"):
+            return read_json(self.run / "eval" / f"{name[5:]}.json")
+        if name in BY_NAME:
+            return read_json(self.run / name / "stage.json")
+        return None  # the eval summary and the report are remade every time
+
+    # ---- starting and finishing a job ------------------------------------------------------------------------
+    def start(self, job: Job) -> Child:
+        if job.name.startswith("eval:"):
+            s = job.name[5:]
+            (self.run / "eval").mkdir(exist_ok=True)
+            argv = ["eval", "--model", str(model_dir(self.run, s)), "--out", str(self.run / "eval" / f"{s}.json"),
+                    "--preset", self.preset_name]
+            for x in self.sets:
+                argv += ["--set", x]
+            return Child(argv, self.logs / f"eval_{s}.log")
+        stage = BY_NAME[job.name]
+        d = self.run / stage.name
+        argv = [stage.command, *[expand(a, self.run) for a in stage.args], "--preset", self.preset_name]
+        for s in self.sets:
+            argv += ["--set", s]
+        job.resumed = False
+        if d.exists():
+            from nanoseek.train.loop import complete_checkpoints
+
+            if has_flag(stage.command, "--resume") and complete_checkpoints(d):
+                argv.append("--resume")
+                job.resumed = True
+            else:  # nothing to resume from (crashed before its first checkpoint, or no --resume): start clean
+                shutil.rmtree(d)
+        return Child(argv, self.logs / f"{stage.name}.log")
+
+    def finish(self, job: Job, child: Child, code: int, secs: float, rss: int, cpu: float) -> bool:
+        """Check what a child left, write its completion marker and its progress line; False if it failed."""
+        name = job.name
+        if name.startswith("eval:"):
+            s = name[5:]
+            result = read_json(self.run / "eval" / f"{s}.json")
+            if code != 0 or result is None:
+                self.say(f"{self.prefix('eval')} FAILED on {s} (exit {code})")
+                self.say(tail(child.log))
+                self.say(f"speedrun: eval of {s} failed; log: {child.log}; rerun to resume.")
+                return False
+            self.eval_costs[s] = (secs, rss, cpu)
+            return True
+        stage = BY_NAME[name]
+        if code != 0:
+            self.say(f"{self.prefix(name)} FAILED (exit {code} after {secs:.0f}s)")
+            self.say(tail(child.log))
+            self.say(f"speedrun: stage {name} failed; its log: {child.log}. Fix the cause and rerun the same "
+                     "command: finished stages are skipped and this one resumes.")
+            return False
+        if stage.model and not (self.run / stage.model / "config.json").is_file():
+            self.say(f"{self.prefix(name)} FAILED: exited 0 but left no checkpoint at {self.run / stage.model}")
+            return False
+        d = self.run / name
+        try:
+            fig = stage.figure(d) if stage.figure else ""
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            fig = f"(no key figure: {e})"
+        rec = {"seconds": secs, "cpu_seconds": cpu, "tokens": stage_tokens(d), "peak_rss": rss, "figure": fig,
+               "resumed": job.resumed, "command": "nanoseek " + " ".join(child.argv),
+               "started": child.started, "ended": child.started + secs}  # Unix times: what ran beside what
+        self.record(name, rec)
+        return True
+
+    def record(self, name: str, rec: dict) -> None:
+        if name in BY_NAME:
+            d = self.run / name
+            d.mkdir(parents=True, exist_ok=True)
+            write_json(d / "stage.json", rec)
+        self.state["stages"][name] = rec
+        write_json(self.state_path, self.state)
         extra = [f"cpu {rec['cpu_seconds']:.0f}s" if rec.get("cpu_seconds") else "",
                  f"{rec['tokens'] / 1e6:.2f}M tok" if rec.get("tokens") else "",
                  f"peak {rec['peak_rss'] / 2**30:.2f} GiB" if rec.get("peak_rss") else ""]
         extra = ", ".join(x for x in extra if x)
-        self.say(f"{rec['seconds']:7.1f}s  {rec['figure']}" + (f"  ({extra})" if extra else ""))
+        self.say(f"{self.prefix(name)} {rec['seconds']:7.1f}s  {rec['figure']}" + (f"  ({extra})" if extra else ""))
+
+    # ---- the steps the speedrun does itself -------------------------------------------------------------------
+    def tasks_stage(self) -> dict:
+        t0 = time.perf_counter()
+        fig = run_tasks_stage(self.run, self.preset)
+        rec = {"seconds": time.perf_counter() - t0, "tokens": None, "peak_rss": None, "figure": fig}
+        self.record("tasks", rec)
         return rec
 
-    def eval_all(self, prefix: str) -> dict | None:
-        """`nanoseek eval` on every finished model stage; each result file is its own completion marker."""
+    def eval_summary(self) -> dict:
+        """One line for `nanoseek eval` of every model: this session's cost plus the earlier results' seconds."""
         from nanoseek.eval import headline
 
-        ev = self.run / "eval"
-        ev.mkdir(exist_ok=True)
-        todo = [s for s in self.cfg.evaluate if s in self.stages() and read_json(self.run / s / "stage.json")]
         secs, peak, figs, tokens, cpu_total = 0.0, 0, [], 0, 0.0
-        self.say(f"{prefix} ", end="")
-        for s in todo:
-            out = ev / f"{s}.json"
-            result = read_json(out)
-            if result is None:
-                argv = ["eval", "--model", str(model_dir(self.run, s)), "--out", str(out), "--preset", self.preset_name]
-                for x in self.sets:
-                    argv += ["--set", x]
-                code, t, rss, cpu = run_subprocess(argv, self.logs / f"eval_{s}.log")
+        for s in (s for s in self.cfg.evaluate if s in self.names):
+            result = read_json(self.run / "eval" / f"{s}.json") or {}
+            if s in self.eval_costs:
+                t, rss, cpu = self.eval_costs[s]
                 secs, peak, cpu_total = secs + t, max(peak, rss), cpu_total + cpu
-                result = read_json(out)
-                if code != 0 or result is None:
-                    self.say(f"FAILED on {s} (exit {code})")
-                    self.say(tail(self.logs / f"eval_{s}.log"))
-                    self.say(f"speedrun: eval of {s} failed; log: {self.logs / f'eval_{s}.log'}; rerun to resume.")
-                    return None
             else:
                 secs += result.get("seconds", 0.0)
             tokens += result.get("tokens_generated", 0)
-            p = headline(result)
+            p = headline(result) if result else None
             figs.append(f"{s} {100 * p:.0f}%" if p is not None else f"{s} –")
         rec = {"seconds": secs, "cpu_seconds": cpu_total or None, "tokens": tokens or None, "peak_rss": peak or None,
                "figure": "test pass@1: " + ", ".join(figs)}
-        self.say(f"{secs:7.1f}s  {rec['figure']}")
+        self.record("eval", rec)
+        return rec
+
+    def report_stage(self) -> dict:
+        from nanoseek.report import write_report
+
+        t0 = time.perf_counter()
+        self.state["seconds"] = sum((r or {}).get("seconds") or 0 for r in self.state["stages"].values())
+        self.state["wall_seconds"] = self.wall_before + t0 - self.t_start
+        self.state["peak_rss_together"] = max(self.state.get("peak_rss_together") or 0,
+                                              peak_together(self.intervals))
+        write_json(self.state_path, self.state)
+        out = write_report(self.run)
+        rec = {"seconds": time.perf_counter() - t0, "figure": str(out)}
+        self.record("report", rec)
         return rec
 
 

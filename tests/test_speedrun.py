@@ -3,6 +3,7 @@ stage; a rerun skips finished stages; missing stages are named, not faked."""
 
 import json
 import os
+import re
 
 import pytest
 
@@ -49,6 +50,22 @@ def test_smoke_pipeline_end_to_end(tmp_path, capsys):
     assert f"CPU seconds {cpu[0]:.0f} vs {cpu[1]:.0f}" in student_goal  # 'at similar compute' can be read off
     state = json.loads((run / "speedrun.json").read_text())
     assert set(state["stages"]) >= {"tasks", "tokenizer", *MODEL_STAGES, "eval", "report"}
+
+    # speedrun.jobs = 2: no stage started before the stages it reads had ended; never more than two at once; the
+    # evals ran beside the stages, so the run took less wall-clock than its stages' seconds added up.
+    recs = {s.name: state["stages"][s.name] for s in BY_NAME.values() if s.command}
+    for name, rec in recs.items():
+        for dep in BY_NAME[name].after:
+            if dep in recs:
+                assert rec["started"] >= recs[dep]["ended"] - 0.01, (name, dep)
+        at_once = sum(r["started"] <= rec["started"] < r["ended"] for r in recs.values())
+        assert at_once <= 2, name
+    for name in MODEL_STAGES:  # an eval reads a finished checkpoint
+        assert (run / "eval" / f"{name}.json").stat().st_mtime >= recs[name]["ended"] - 0.01, name
+    total = sum(r["seconds"] for r in state["stages"].values())
+    assert 0 < state["wall_seconds"] < total
+    m = re.search(r"Total wall-clock: (\d+) s .*the stages' own seconds add up to (\d+) s", report)
+    assert m and int(m[1]) <= state["wall_seconds"] + 1 and int(m[1]) < int(m[2])  # the report: when it was written
 
     # A stage without its completion marker (as after a crash) resumes from its newest complete checkpoint;
     # the finished stages around it are skipped.
@@ -117,3 +134,22 @@ def test_redo_deletes_the_stage_and_everything_after(tmp_path):
         assert (tmp_path / s.name).exists() == (s.name not in after), s.name
     for s in MODEL_STAGES:
         assert (tmp_path / "eval" / f"{s}.json").exists() == (s not in after), s
+
+
+def test_a_failed_stage_lets_the_running_one_finish(tmp_path, capsys):
+    """As `make -j`: when a stage fails, the stages already running beside it finish (their work is kept), nothing
+    new starts, and the speedrun exits 1 naming the failed stage."""
+    from nanoseek.speedrun import Speedrun
+
+    run = tmp_path / "run"
+    sets = ["pretrain.student_threads=1", "rl.threads=1"]  # zero and the student's base fit on one core each
+    assert Speedrun(run, "smoke", sets, until="pretrain").execute() == 0
+    (run / "pretrain" / "model" / "model.safetensors").unlink()  # R1-Zero cannot load its base
+    capsys.readouterr()
+    assert Speedrun(run, "smoke", sets, until="student_base").execute() == 1
+    out = capsys.readouterr().out
+    assert "zero         FAILED" in out and "waiting for the stages still running (student_base)" in out
+    assert json.loads((run / "student_base" / "stage.json").read_text())["seconds"] > 0  # finished and kept
+    assert not (run / "zero" / "stage.json").exists() and not (run / "sft").exists()
+    state = json.loads((run / "speedrun.json").read_text())
+    assert "zero" not in state["stages"] and "student_base" in state["stages"]

@@ -43,6 +43,8 @@ class PretrainConfig(LoopConfig):
     eval_tasks: list[str] = field(default_factory=list)  # tasks for that eval ([] = data.tasks)
     eval_max_tokens: int = 160  # generated tokens per question
     student_steps: int = 0  # steps of `nanoseek pretrain --student` (the distillation student's base); 0 = steps
+    student_threads: int = 0  # CPU threads of `pretrain --student` (0 = threads): the speedrun runs it beside
+    # the teacher's R1 stages, one core each
 
 
 # ---- the loss ------------------------------------------------------------------------------------------------
@@ -179,6 +181,7 @@ def run(args) -> int:
     if args.student:  # the distillation student: the same recipe on the [student] model config
         model_cfg = preset.section("student")
         cfg.steps = cfg.student_steps or cfg.steps
+        cfg.threads = cfg.student_threads or cfg.threads
     out = Path(args.out)
     if not args.resume and (complete_checkpoints(out) or (out / "metrics.jsonl").exists()):
         raise ConfigError(f"{out} already holds a pretraining run; pass --resume to continue it, or choose a new "
