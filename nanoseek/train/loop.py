@@ -65,7 +65,8 @@ class LoopConfig:
     dtype: str = "bf16"  # autocast dtype (bf16 | fp16 | fp32); weights and optimizer state stay fp32
     compile: bool = False  # torch.compile the model; falls back to eager if compiling fails
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int = 0  # CPU threads for torch (0: torch's default, one per core)
+    threads: int = 0  # CPU threads for torch (0: torch's default, one per core); under torchrun, split over the
+    # machine's ranks (2 threads, 2 local ranks: 1 each)
     seed: int = 0
     eval_every: int = 100  # steps between val losses (0: only at the end)
     ckpt_every: int = 100  # steps between checkpoints (0: only at the end)
@@ -238,8 +239,8 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(out_dir)
         self.device = resolve_device(cfg.device)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        if cfg.threads:  # this machine's CPU budget for the job: torchrun's local ranks share it
+            torch.set_num_threads(max(1, cfg.threads // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
         self.raw_model = model.to(self.device)  # fp32 master weights; what checkpoints save
         self.eager_model = apply_parallel(self.raw_model, parallel)
         self.model = apply_compile(self.eager_model, cfg.compile)
