@@ -284,3 +284,21 @@ def test_sigkill_then_resume_gives_identical_losses(tmp_path):
     ma, mb = nanoseek.load(ref / "model"), nanoseek.load(crash / "model")
     for (k, va), vb in zip(ma.state_dict().items(), mb.state_dict().values()):
         assert torch.equal(va, vb), k
+
+
+def test_threads_are_shared_by_torchrun_local_ranks(tmp_path, monkeypatch):
+    """pretrain.threads is the job's CPU budget on this machine: under torchrun each local rank takes its share
+    (2 threads, 2 ranks: 1 each), so two ranks on a 2-core CPU do not run four threads."""
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        _trainer(tmp_path / "a", threads=2)
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+        _trainer(tmp_path / "b", threads=2)
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+        _trainer(tmp_path / "c", threads=2)
+        assert torch.get_num_threads() == 1  # never 0
+    finally:
+        torch.set_num_threads(before)
