@@ -77,12 +77,15 @@ def pretrain(rank, world, out, strategy, steps=STEPS, resume=False):
                          grad_accum=2)
     loader = PackedLoader(synthetic_docs(), 32, cfg.batch_size, seed=0, rank=rank, world_size=world)
     trainer = Trainer(model, cfg, out, lambda m, b: pretrain_loss(m, b, cfg),
-                      parallel=D.ParallelConfig(strategy=strategy), after_step=[balance_hook(0.01)])
+                      parallel=D.ParallelConfig(strategy=strategy), after_step=[balance_hook(0.01)],
+                      flops_per_token=1e6)
     if resume:
         assert trainer.resume(loader)
     trainer.fit(loader)
     biases = torch.stack([m.gate.e_score_correction_bias for m in model.moe_layers()])
-    return {"losses": [(r["step"], r["loss"]) for r in read_metrics(out)], "biases": biases}
+    recs = read_metrics(out)
+    return {"losses": [(r["step"], r["loss"]) for r in recs], "biases": biases,
+            "mfu": [(r["mfu"], r["tokens_per_s"] * trainer.flops_per_token) for r in recs if "mfu" in r]}
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +105,11 @@ def test_two_ranks_pretrain_like_one_and_resume_on_one(strategy, one_rank, tmp_p
     assert torch.equal(two[0]["biases"], two[1]["biases"])
     assert torch.allclose(two[0]["biases"], one_rank["biases"])
     assert two[0]["biases"].abs().sum() > 0  # they did move
+    # MFU: global tokens/s (summed over ranks) over the peak of all ranks (peak_tflops is one rank's: 1.0)
+    for run, w in ((one_rank, 1), (two[0], 2)):
+        assert len(run["mfu"]) == STEPS
+        for mfu, flops_per_s in run["mfu"]:
+            assert mfu == pytest.approx(flops_per_s / (w * 1e12), rel=1e-9)
 
     # The two-rank checkpoint at step 2 resumes on ONE rank and continues like the uninterrupted run.
     ckpts = complete_checkpoints(tmp_path / "two")

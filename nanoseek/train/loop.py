@@ -71,7 +71,8 @@ class LoopConfig:
     eval_every: int = 100  # steps between val losses (0: only at the end)
     ckpt_every: int = 100  # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk (0: keep all)
-    peak_tflops: float = 0.0  # for MFU; 0 measures a bf16 matmul once
+    peak_tflops: float = 0.0  # one rank's matmul peak (MFU divides by it x the world size); 0: measured once, in
+    # the run's dtype on the rank's threads
     progress: bool = True  # tqdm progress bar on stderr
 
     def validate(self) -> None:
@@ -102,6 +103,7 @@ from nanoseek.train.distributed import (  # noqa: E402, F401
     apply_parallel,
     grad_sync,
     reduce_metrics,
+    world_size,
 )
 from nanoseek.train.distributed import is_main as is_main_process  # noqa: E402
 
@@ -253,10 +255,11 @@ class Trainer:
         self.tokens = 0
         self.extra_state: dict = {}  # stage-specific JSON state saved in checkpoints
         self.flops_per_token = flops_per_token
-        self.peak_tflops = cfg.peak_tflops
         self.autocast_dtype = DTYPES[cfg.dtype]
-        if flops_per_token and not self.peak_tflops:  # once, before any step is timed, in the dtype matmuls run in
-            self.peak_tflops = measure_peak_tflops(self.device, self.autocast_dtype or torch.float32)
+        peak = cfg.peak_tflops
+        if flops_per_token and not peak:  # once, before any step is timed, in the dtype matmuls run in
+            peak = measure_peak_tflops(self.device, self.autocast_dtype or torch.float32)
+        self.peak_tflops = peak * world_size()  # of all ranks: token counts are summed over them
         self.run_info = run_info or {}
         self.main = is_main_process()
         self.bar = None
