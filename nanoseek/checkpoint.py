@@ -216,6 +216,18 @@ def save(model, path: str | Path, max_shard_bytes: int = 2 << 30, dtype: torch.d
     return path
 
 
+def model_dir(path: str | Path, flag: str = "--model") -> Path:
+    """The checkpoint directory a command's `flag` names: the directory itself, or a stage directory's model/
+    (runs/x/rl holds its final model in runs/x/rl/model). Raises CheckpointError naming the flag and the fix."""
+    p = Path(path)
+    for d in (p, p / "model"):
+        if (d / "config.json").is_file():
+            return d
+    where = "no such directory" if not p.exists() else "no config.json there or in its model/"
+    raise CheckpointError(f"{flag} {p}: {where}; point it at a checkpoint directory a stage wrote, such as "
+                          "runs/NAME/rl/model (or the stage directory runs/NAME/rl)")
+
+
 def read_config(path: Path) -> ModelConfig:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():

@@ -407,12 +407,9 @@ def run(args) -> int:
     cfg = preset.section("eval")
     if args.tasks:
         cfg.tasks = [t for t in args.tasks.split(",") if t]
-    model_dir = Path(args.model)
-    if not (model_dir / "config.json").is_file() and (model_dir / "model" / "config.json").is_file():
-        model_dir = model_dir / "model"  # a stage directory (runs/x/rl) holds its final model in model/
-    if not (model_dir / "config.json").is_file():
-        raise ConfigError(f"--model {model_dir}: no config.json there; point it at a checkpoint directory such as "
-                          "runs/NAME/rl/model")
+    from nanoseek.checkpoint import model_dir as checkpoint_dir
+
+    model_dir = checkpoint_dir(args.model)
     torch.manual_seed(cfg.seed)
     model = nanoseek.load(model_dir)
     tokenizer = load_tokenizer(model_dir)

@@ -202,7 +202,8 @@ def load_tokenizer(path: str | Path) -> NanoTokenizer:
     p = Path(path)
     f = p / "tokenizer.json" if p.is_dir() else p
     if not f.is_file():
-        raise FileNotFoundError(f"no tokenizer at {f}; train one with `nanoseek tokenizer --out {p}`")
+        raise FileNotFoundError(f"no tokenizer at {f}; every stage's model directory carries its tokenizer.json "
+                                f"(`nanoseek tokenizer --out DIR` trains one)")
     return NanoTokenizer(Tokenizer.from_file(str(f)))
 
 

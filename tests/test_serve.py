@@ -609,15 +609,38 @@ def test_terminal_chat_ctrl_c_stops_the_reply_not_the_program(tiny):
     assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C handling restored
 
 
+def test_nanoseek_chat_command(tiny, tmp_path):
+    """`nanoseek chat --model DIR` as a user runs it, with the questions on stdin: the reply streams to stdout
+    (no colour codes when stdout is not a terminal), /reset and /exit work, and the exit code is 0. DIR may be a
+    stage directory (its model/ is used); a wrong one is one error line naming it."""
+    model, tok = tiny
+    nanoseek.save(model, tmp_path / "stage" / "model")
+    tok.save(tmp_path / "stage" / "model")
+    proc = subprocess.run([sys.executable, "-m", "nanoseek", "chat", "--model", str(tmp_path / "stage"),
+                           "--temperature", "0", "--threads", "1"], input="hi\n/reset\nWhat is 2+3?\n/exit\nhi\n",
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.startswith("nanoseek chat:") and "\033[" not in out
+    assert "The user says hi." in out and "Hello! How can I help?" in out  # thinking and answer of the first
+    assert "[new conversation]" in out and "<answer>5</answer>" in out
+    assert out.count("Hello! How can I help?") == 1  # the "hi" after /exit was never read
+    missing = subprocess.run([sys.executable, "-m", "nanoseek", "chat", "--model", str(tmp_path / "nope")],
+                             input="", capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.startswith(f"nanoseek chat: error: --model {tmp_path / 'nope'}: no such directory")
+
+
 def test_nanoseek_serve_command(tiny, tmp_path):
     """`nanoseek serve --model DIR` end to end: loads in the background (/health 503, then 200), serves the
     client under --served-model-name with --api-key, and stops cleanly on Ctrl-C."""
     model, tok = tiny
     nanoseek.save(model, tmp_path / "ckpt")
     tok.save(tmp_path / "ckpt")
-    port = free_port()
+    host = "127.0.0.2"  # loopback too, but not the default 127.0.0.1: --host must reach the listening socket
+    port = free_port(host)
     proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "serve", "--model", str(tmp_path / "ckpt"),
-                             "--port", str(port), "--served-model-name", "mine", "--api-key", "k",
+                             "--host", host, "--port", str(port), "--served-model-name", "mine", "--api-key", "k",
                              "--max-model-len", "128", "--threads", "1", "--log-level", "warning"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -626,11 +649,13 @@ def test_nanoseek_serve_command(tiny, tmp_path):
         while not codes or codes[-1] != 200:
             assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() else codes
             try:
-                codes.append(httpx.get(f"http://127.0.0.1:{port}/health").status_code)
+                codes.append(httpx.get(f"http://{host}:{port}/health").status_code)
             except httpx.TransportError:
                 time.sleep(0.1)
         assert set(codes) <= {503, 200}
-        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=60)
+        with pytest.raises(httpx.ConnectError):  # nothing listens on the default address
+            httpx.get(f"http://127.0.0.1:{port}/health")
+        c = openai.OpenAI(base_url=f"http://{host}:{port}/v1", api_key="k", max_retries=0, timeout=60)
         assert c.models.list().data[0].max_model_len == 128
         r = c.chat.completions.create(model="mine", messages=HI, temperature=0)
         assert r.choices[0].message.content == "\nHello! How can I help?"

@@ -551,9 +551,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def load_engine(model_dir: str, max_batch: int = 32, max_model_len: int | None = None, threads: int = 0):
     """(Engine, tokenizer) for a checkpoint directory."""
     import nanoseek
+    from nanoseek.checkpoint import model_dir as checkpoint_dir
     from nanoseek.infer.engine import Engine, EngineConfig
     from nanoseek.tokenizer import load_tokenizer
 
+    model_dir = checkpoint_dir(model_dir)
     tokenizer = load_tokenizer(model_dir)
     model = nanoseek.load(model_dir)
     if max_model_len is None:  # the engine's default, within what the model's positions allow
@@ -600,6 +602,9 @@ class ThreadedServer:
 def run(args) -> int:
     import uvicorn
 
+    from nanoseek.checkpoint import model_dir as checkpoint_dir
+
+    checkpoint_dir(args.model)  # a wrong --model fails here, before the port opens, not in the background load
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     name = args.served_model_name or Path(args.model).resolve().name
     app = create_app(None, None, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,

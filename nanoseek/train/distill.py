@@ -72,6 +72,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     import nanoseek
+    from nanoseek.checkpoint import model_dir
     from nanoseek.config import load_preset
     from nanoseek.tokenizer import load_tokenizer
     from nanoseek.train.grpo import tokenizer_files
@@ -82,6 +83,7 @@ def run(args) -> int:
     data_cfg = preset.section("data")
     engine_cfg = preset.section("engine")
     out = Path(args.out)
+    args.teacher, args.student = str(model_dir(args.teacher, "--teacher")), str(model_dir(args.student, "--student"))
     if not args.resume and (out / "traces.json").exists():
         raise ConfigError(f"{out} already holds a distillation run; pass --resume to continue it, or a new --out")
     torch.manual_seed(cfg.seed)

@@ -787,10 +787,12 @@ def stage_config(preset, stage: str) -> GRPOConfig:
 
 
 def run(args) -> int:
+    from nanoseek.checkpoint import model_dir
     from nanoseek.config import load_preset
 
     if args.zero and args.student:
         raise ConfigError("--zero and --student are two different stages; pass one of them")
+    args.model = str(model_dir(args.model))
     preset = load_preset(args.preset, args.set)
     stage = "zero" if args.zero else "student_rl" if args.student else "rl"
     cfg: GRPOConfig = stage_config(preset, stage)

@@ -379,6 +379,7 @@ def shared_traces(model_dir, out: Path, data_cfg, cfg, engine_cfg, **kw) -> tupl
 
 def run(args) -> int:
     import nanoseek
+    from nanoseek.checkpoint import model_dir
     from nanoseek.config import load_preset
     from nanoseek.tokenizer import load_tokenizer
     from nanoseek.train.grpo import tokenizer_files
@@ -388,6 +389,9 @@ def run(args) -> int:
     data_cfg = preset.section("data")
     engine_cfg = preset.section("engine")
     out = Path(args.out)
+    args.model = str(model_dir(args.model))
+    if args.traces_from:
+        args.traces_from = str(model_dir(args.traces_from, "--traces-from"))
     if not args.resume and (out / "traces.json").exists():
         raise ConfigError(f"{out} already holds an SFT run; pass --resume to continue it, or choose a new --out")
     t0 = time.time()
