@@ -379,6 +379,12 @@ def test_distill_stage(base_dir, student_dir, tok_dir, tmp_path, monkeypatch):
                      set=sets, resume=False)
     with pytest.raises(ConfigError, match="DENSE"):
         distill.run(args)
+    # Too few traces for distill.min_traces: the error counts them and names the knobs.
+    few = Namespace(teacher=str(base_dir), student=str(student_dir), out=str(tmp_path / "few"), preset="smoke",
+                    set=[*sets, "distill.min_traces=1000"], resume=False)
+    with pytest.raises(ConfigError, match=r"only 8 correct traces from \S+ \(distill\.min_traces = 1000\); "
+                                          r".*distill\.n_questions"):
+        distill.run(few)
     out = tmp_path / "distill"
     args = Namespace(teacher=str(base_dir), student=str(student_dir), out=str(out), preset="smoke", set=sets,
                      resume=False)

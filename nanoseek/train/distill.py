@@ -76,27 +76,17 @@ def run(args) -> int:
     from nanoseek.config import load_preset
     from nanoseek.tokenizer import load_tokenizer
     from nanoseek.train.grpo import tokenizer_files
-    from nanoseek.train.sft import finetune, log_stderr, shared_traces, trace_examples
+    from nanoseek.train.sft import check_out, finetune, log_stderr, stage_traces, trace_examples
 
     preset = load_preset(args.preset, args.set)
     cfg: DistillConfig = preset.section("distill")
-    data_cfg = preset.section("data")
-    engine_cfg = preset.section("engine")
-    out = Path(args.out)
     args.teacher, args.student = str(model_dir(args.teacher, "--teacher")), str(model_dir(args.student, "--student"))
-    if not args.resume and (out / "traces.json").exists():
-        raise ConfigError(f"{out} already holds a distillation run; pass --resume to continue it, or a new --out")
+    out = check_out(args, "a distillation run")
     torch.manual_seed(cfg.seed)
     student = nanoseek.load(args.student)
-    check_student(student, args.student, args.teacher)
+    check_student(student, args.student, args.teacher)  # before the teacher samples for minutes
     t0 = time.time()
-    traces, figures = shared_traces(args.teacher, out, data_cfg, cfg, engine_cfg, n_questions=cfg.n_questions,
-                                    k=cfg.samples_per_question, use_filter=cfg.readable, task_names=cfg.tasks,
-                                    seed=cfg.seed, log=log_stderr)
-    if len(traces) < cfg.min_traces:
-        raise ConfigError(f"only {len(traces)} correct traces from the teacher {args.teacher} (distill.min_traces = "
-                          f"{cfg.min_traces}); sample more (distill.n_questions, distill.samples_per_question) or "
-                          "lower distill.min_traces")
+    traces, figures = stage_traces(args.teacher, out, preset, "distill")
     tok = load_tokenizer(args.teacher)
     last = finetune(student, tok, trace_examples(traces, tok), cfg, out, tokenizer_files(args.teacher),
                     args.resume, "distill", log_stderr, parallel=preset.section("parallel"))

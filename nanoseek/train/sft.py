@@ -363,6 +363,29 @@ def log_stderr(s: str) -> None:
         print(s, file=sys.stderr, flush=True)
 
 
+def check_out(args, what: str) -> Path:
+    """--out of a trace stage (sft, distill): refused if it holds a run and --resume is not given."""
+    out = Path(args.out)
+    if not args.resume and (out / "traces.json").exists():
+        raise ConfigError(f"{out} already holds {what}; pass --resume to continue it, or choose a new --out")
+    return out
+
+
+def stage_traces(source, out: Path, preset, section: str) -> tuple[list[dict], dict]:
+    """The correct traces of `source` for a trace stage, as its [section] (sft or distill) asks; at least
+    min_traces of them."""
+    cfg = preset.section(section)
+    traces, figures = shared_traces(source, out, preset.section("data"), cfg, preset.section("engine"),
+                                    n_questions=cfg.n_questions, k=cfg.samples_per_question,
+                                    use_filter=cfg.readable, task_names=cfg.tasks, seed=cfg.seed, log=log_stderr)
+    if len(traces) < cfg.min_traces:
+        kind = "correct readable" if cfg.readable else "correct"
+        raise ConfigError(f"only {len(traces)} {kind} traces from {source} ({section}.min_traces = {cfg.min_traces});"
+                          f" train that model longer, sample more ({section}.n_questions, "
+                          f"{section}.samples_per_question) or lower {section}.min_traces")
+    return traces, figures
+
+
 def shared_traces(model_dir, out: Path, data_cfg, cfg, engine_cfg, **kw) -> tuple[list[dict], dict]:
     """sample_traces on rank 0 (or one process); under torchrun the other ranks wait, then read what it wrote."""
     D.barrier()  # every rank has checked --out before rank 0 writes traces into it
@@ -386,23 +409,11 @@ def run(args) -> int:
 
     preset = load_preset(args.preset, args.set)
     cfg: SFTConfig = preset.section("sft")
-    data_cfg = preset.section("data")
-    engine_cfg = preset.section("engine")
-    out = Path(args.out)
     args.model = str(model_dir(args.model))
-    if args.traces_from:
-        args.traces_from = str(model_dir(args.traces_from, "--traces-from"))
-    if not args.resume and (out / "traces.json").exists():
-        raise ConfigError(f"{out} already holds an SFT run; pass --resume to continue it, or choose a new --out")
+    source = str(model_dir(args.traces_from, "--traces-from")) if args.traces_from else args.model
+    out = check_out(args, "an SFT run")
     t0 = time.time()
-    source = args.traces_from or args.model
-    traces, figures = shared_traces(source, out, data_cfg, cfg, engine_cfg, n_questions=cfg.n_questions,
-                                    k=cfg.samples_per_question, use_filter=cfg.readable, task_names=cfg.tasks,
-                                    seed=cfg.seed, log=log_stderr)
-    if len(traces) < cfg.min_traces:
-        raise ConfigError(f"only {len(traces)} correct readable traces from {source} (sft.min_traces = "
-                          f"{cfg.min_traces}); train the trace model longer, sample more (sft.n_questions, "
-                          "sft.samples_per_question) or lower sft.min_traces")
+    traces, figures = stage_traces(source, out, preset, "sft")
     tok = load_tokenizer(args.model)
     torch.manual_seed(cfg.seed)
     model = nanoseek.load(args.model)
