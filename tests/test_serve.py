@@ -120,6 +120,39 @@ def test_chat_streaming(client, tiny):
     assert chunks[-1].usage.completion_tokens_details.reasoning_tokens > 0
 
 
+def test_a_failing_engine_step_ends_the_stream_with_an_error_event(tiny, monkeypatch):
+    """A step that raises after the 200 went out: the stream gets one in-band error event (which the openai client
+    raises as APIError) and [DONE]; the server goes on serving."""
+    model, tok = tiny
+    eng = make_engine(model, tok, max_batch=4, max_model_len=MAX_LEN)
+    step, calls = eng.step, []
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) == 3:  # after the prefill and a decode step: some deltas are out already
+            raise RuntimeError("boom")
+        return step()
+
+    monkeypatch.setattr(eng, "step", failing_step)
+    with LiveServer(create_app(eng, tok, MODEL)) as srv:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        got = []
+        with pytest.raises(openai.APIError, match="generation failed: RuntimeError: boom"):
+            for chunk in c.chat.completions.create(model=MODEL, messages=HI, temperature=0, stream=True):
+                got.append(chunk)
+        assert got  # the error came in-band, after chunks
+        calls.clear()  # the same failure in the legacy completions stream
+        with httpx.stream("POST", srv.url + "/v1/completions", timeout=60,
+                          json={"model": MODEL, "prompt": "hi", "max_tokens": 20, "stream": True}) as r:
+            assert r.status_code == 200
+            events = [ln[len("data: "):] for ln in r.iter_lines() if ln.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["error"]["message"] == "generation failed: RuntimeError: boom"
+        assert all("choices" in json.loads(e) for e in events[:-2])
+        r = c.chat.completions.create(model=MODEL, messages=HI, temperature=0)  # and the next request is served
+        assert r.choices[0].message.content == "\nHello! How can I help?"
+
+
 def test_raw_sse_framing_with_n(server):
     body = {"model": MODEL, "messages": HI, "n": 3, "temperature": 0, "stream": True}
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:

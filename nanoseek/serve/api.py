@@ -248,6 +248,13 @@ def _parse(model, body: dict):
         raise APIError(400, f"{param}: {msg}" if param else msg, param=param) from None
 
 
+def _stream_failed(rid: str, e: Exception) -> str:
+    """The SSE event that reports a generation failed after the 200 status line went out (OpenAI's error shape)."""
+    log.exception("stream %s failed", rid)
+    return _sse({"error": {"message": f"generation failed: {type(e).__name__}: {e}", "type": "server_error",
+                           "param": None, "code": None}})
+
+
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -439,9 +446,7 @@ def create_app(engine, tokenizer, served_model_name: str = "nanoseek", api_key: 
                                  for t, seen in zip(tokens, reasoning_seen))
                         yield chunk([], srv.usage(handle, rt))
                 except Exception as e:  # the status line is sent already: report in-band, then end properly
-                    log.exception("stream %s failed", rid)
-                    yield _sse({"error": {"message": f"generation failed: {type(e).__name__}: {e}",
-                                          "type": "server_error", "param": None, "code": None}})
+                    yield _stream_failed(rid, e)
                 yield "data: [DONE]\n\n"
 
             return EngineStreamingResponse(events(), handle)
@@ -500,9 +505,7 @@ def create_app(engine, tokenizer, served_model_name: str = "nanoseek", api_key: 
                     if include_usage:
                         yield chunk([], srv.usage(handle, None))
                 except Exception as e:
-                    log.exception("stream %s failed", rid)
-                    yield _sse({"error": {"message": f"generation failed: {type(e).__name__}: {e}",
-                                          "type": "server_error", "param": None, "code": None}})
+                    yield _stream_failed(rid, e)
                 yield "data: [DONE]\n\n"
 
             return EngineStreamingResponse(events(), handle)
