@@ -163,8 +163,9 @@ def _runner_setup(variant, n_slots=8, max_len=40, seed=3):
 
 @pytest.mark.parametrize("variant", ["q_lora", "no_q_lora", "no_norm_topk"])
 def test_decode_gathered_experts_equal_all_experts(variant):
-    """MoE of a decode step: copying out each token's experts equals running every expert with zero gates, at 1,
-    2 and 5 tokens; both equal the model's MoE module."""
+    """MoE of a decode step: copying out each token's experts equals running every expert with zero gates, and
+    (from runner.grouped_rows tokens on) running each expert on its own tokens by grouped matmuls, at 1, 2, 5, 40
+    and 70 tokens; all equal the model's MoE module."""
     m, _, r = _runner_setup(variant)
     torch.manual_seed(1)
     blocks = list(m.model.layers) + [mod.block for mod in m.mtp]  # the runner's order
@@ -172,19 +173,20 @@ def test_decode_gathered_experts_equal_all_experts(variant):
         if b["moe"] is None:
             continue
         moe = blk.mlp
-        for N in (1, 2, 5):
+        for N in (1, 2, 5, 40, 70):
             x = torch.randn(N, m.config.hidden_size)
             outs = []
-            for ratio in (0.0, 1e9):  # 0: always gather, 1e9: never
-                r.gather_ratio = ratio
+            for ratio, grouped in ((0.0, 10**9), (1e9, 10**9), (1e9, 1)):  # gather, all experts, grouped
+                r.gather_ratio, r.grouped_rows = ratio, grouped
                 with torch.no_grad():
                     outs.append(r._moe(b, x))
+            assert (outs[2] - outs[1]).abs().max() <= 1e-5, (variant, N)
             # the model's MoE reads post_attention_layernorm(y); the runner reads y * rsqrt(mean(y²) + eps), the
             # norm's weight being folded into its router and experts
             y = x * 3.0
             with torch.no_grad():
                 ref = moe(blk.post_attention_layernorm(y)[None])[0]
-                r.gather_ratio = 0.0
+                r.gather_ratio, r.grouped_rows = 0.0, 10**9
                 got = r._moe(b, y * torch.rsqrt(y.square().mean(-1, keepdim=True) + blk.post_attention_layernorm.eps))
             assert (outs[0] - outs[1]).abs().max() <= 1e-5, (variant, N)
             assert (got - ref).abs().max() <= 1e-4 * ref.abs().max(), (variant, N)

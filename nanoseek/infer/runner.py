@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nanoseek.model.moe import MoE
+from nanoseek.model.moe import MoE, grouped_mm_ok
 from nanoseek.model.rope import rope_cos_sin
 
 
@@ -67,6 +67,11 @@ class Runner:
         # MoE path: gather each token's experts when tokens x experts-per-token x gather_ratio <= all experts
         # (measured on cpu-tiny: gathering 3 of 9 experts pays at 1 token, not at 2)
         self.gather_ratio = 3.0
+        # from this many tokens on, routed experts run on their own tokens only (sorted, grouped matmuls) instead of
+        # every expert on every token (measured on cpu-tiny, one thread, per MoE layer: 16 tokens 0.41 vs 0.34 ms,
+        # 32 0.47 vs 0.52, 64 0.66 vs 0.96, 256 1.45 vs 7.55: the all-expert form's [N, E' 2h] activations leave
+        # the cache)
+        self.grouped_rows = 32
 
     # ---- derived weights -----------------------------------------------------------------------------------
     def sync(self) -> None:
@@ -334,6 +339,8 @@ class Runner:
         gu, dn = b["gu_tab"], b["dn_tab"]
         E_all, h = dn.shape[0], dn.shape[1]  # E' = routed + shared
         J = idx.shape[1] + b["sh_ids"].shape[1]  # experts a token runs
+        if N >= self.grouped_rows and grouped_mm_ok(x, dn):
+            return self._moe_grouped(b, x, w, idx)
         if N * J * self.gather_ratio > E_all:
             # every expert, the shared ones included, as two matmuls; zero gate for the unchosen
             cw = b["gate_row"].expand(N, -1).scatter(1, idx, w)  # [N, E']
@@ -350,6 +357,25 @@ class Runner:
         g, u = out.view(N, J, 2, h).unbind(2)
         act = (F.silu(g) * u * w[..., None]).view(N, 1, J * h)
         return torch.bmm(act, dn.index_select(0, sel).view(N, J * h, d)).view(N, d)
+
+    def _moe_grouped(self, b, x, w, idx):
+        """Many tokens: each routed expert over its own tokens (sorted by expert, one grouped matmul per projection,
+        as model/moe.py's Experts), the shared experts over all of them. x [N, d], w/idx [N, K] -> [N, d]."""
+        N, K = idx.shape
+        gu, dn = b["gu_tab"], b["dn_tab"]  # [E', 2h, d] rows [gate; up], [E', h, d]; routed first
+        E, h, d = self.cfg.n_routed_experts, dn.shape[1], dn.shape[2]
+        flat = idx.reshape(-1)
+        order = flat.argsort(stable=True)
+        tok = order // K  # [N K] the token of each (token, expert) pair, grouped by expert
+        offs = torch.bincount(flat, minlength=E).cumsum(0).to(torch.int32)
+        g, u = F.grouped_mm(x.index_select(0, tok), gu[:E].transpose(1, 2), offs=offs).chunk(2, dim=-1)
+        ys = F.grouped_mm(F.silu(g) * u * w.reshape(-1)[order, None], dn[:E], offs=offs)  # [N K, d]
+        out = torch.zeros_like(x).index_add_(0, tok, ys)
+        n_sh = dn.shape[0] - E
+        if n_sh:  # gate 1: the shared experts as one SwiGLU of width n_sh h
+            g, u = F.linear(x, gu[E:].reshape(-1, d)).view(N, n_sh, 2, h).unbind(2)
+            out = out.addmm_((F.silu(g) * u).reshape(N, n_sh * h), dn[E:].reshape(-1, d))
+        return out
 
 
 def _group_norm_mats(segments):
