@@ -298,10 +298,11 @@ def goals(evals: dict[str, dict], stage_rec: dict[str, dict | None] | None = Non
                    "much as pass@1, RL taught new solutions; if pass@k stays while pass@1 rises, RL sharpened the "
                    "distribution onto answers the base could already sample.")
     r, rf, zf = p("rl"), p("rl", "format"), p("zero", "format")
+    # format with two decimals: near 100% one decimal shows 99.9 → 99.9 for a difference the check counts
     goal("R1 ≥ R1-Zero on pass@1, with a higher format rate",
          None if None in (r, z, rf, zf) else (r >= z and rf > zf),
          "missing stage" if None in (r, z, rf, zf) else f"pass@1 {100 * z:.1f} → {100 * r:.1f}; "
-         f"format {100 * zf:.1f} → {100 * rf:.1f}" + _steps(p("zero", "steps"), p("rl", "steps"))
+         f"format {100 * zf:.2f} → {100 * rf:.2f}" + _steps(p("zero", "steps"), p("rl", "steps"))
          + _overlap(evals, "zero", "rl"))
     s, srl = p("distill"), p("student_rl")
     goal("the distilled student reaches ≥ 90% of the teacher's pass@1",
