@@ -27,14 +27,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from nanoseek.config import ConfigError, ModelConfig
+from nanoseek.config import CheckpointError, ConfigError, ModelConfig
 
 EXPERT_PROJ = ("gate_proj", "up_proj", "down_proj")
 FP8_BLOCK = 128
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read; the message names the file and the problem."""
 
 
 # ---- name mapping -------------------------------------------------------------------------------------------

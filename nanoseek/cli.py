@@ -8,7 +8,7 @@ import importlib
 import os
 import sys
 
-from nanoseek.config import ConfigError
+from nanoseek.config import CheckpointError, ConfigError
 
 COMMANDS = {
     "info": ("nanoseek.info", "parameters, active parameters, KV-cache bytes and FLOPs of a preset or checkpoint"),
@@ -57,19 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"nanoseek {name}: config error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as e:  # a path the user passed: one line naming it, no traceback
-        if isinstance(e, ValueError) and not _is_checkpoint_error(e):
-            raise
+    except (CheckpointError, FileNotFoundError) as e:  # a path the user passed: one line naming it, no traceback
         print(f"nanoseek {name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\nnanoseek {name}: interrupted", file=sys.stderr)
         return 130
-
-
-def _is_checkpoint_error(e: Exception) -> bool:
-    ckpt = sys.modules.get("nanoseek.checkpoint")  # loaded if it raised; importing it here would load torch
-    return ckpt is not None and isinstance(e, ckpt.CheckpointError)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,11 @@ class ConfigError(ValueError):
     """A config that cannot work; the message names the field and the fix."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read; the message names the file and the problem. (Here, with ConfigError, so
+    the CLI can catch it without importing torch; nanoseek.checkpoint raises it.)"""
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 129280
