@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nanoseek.model.moe import MoE, grouped_mm_ok
+from nanoseek.model.moe import MoE, grouped_mm_ok, sort_by_expert
 from nanoseek.model.rope import rope_cos_sin
 
 
@@ -361,13 +361,11 @@ class Runner:
     def _moe_grouped(self, b, x, w, idx):
         """Many tokens: each routed expert over its own tokens (sorted by expert, one grouped matmul per projection,
         as model/moe.py's Experts), the shared experts over all of them. x [N, d], w/idx [N, K] -> [N, d]."""
-        N, K = idx.shape
+        N = idx.shape[0]
         gu, dn = b["gu_tab"], b["dn_tab"]  # [E', 2h, d] rows [gate; up], [E', h, d]; routed first
         E, h, d = self.cfg.n_routed_experts, dn.shape[1], dn.shape[2]
-        flat = idx.reshape(-1)
-        order = flat.argsort(stable=True)
-        tok = order // K  # [N K] the token of each (token, expert) pair, grouped by expert
-        offs = torch.bincount(flat, minlength=E).cumsum(0).to(torch.int32)
+        order, tok, counts = sort_by_expert(idx, E)  # [N K] pairs grouped by expert, their tokens; [E]
+        offs = counts.cumsum(0).to(torch.int32)
         g, u = F.grouped_mm(x.index_select(0, tok), gu[:E].transpose(1, 2), offs=offs).chunk(2, dim=-1)
         ys = F.grouped_mm(F.silu(g) * u * w.reshape(-1)[order, None], dn[:E], offs=offs)  # [N K, d]
         out = torch.zeros_like(x).index_add_(0, tok, ys)

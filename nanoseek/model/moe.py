@@ -65,13 +65,7 @@ class Experts(nn.Module):
 
     def forward(self, x, idx, w):
         """x [N, d], idx/w [N, K] -> [N, d], per-expert token counts [E]. No Python loop over tokens."""
-        N, K = idx.shape
-        E = self.gate_proj.shape[0]
-        flat = idx.reshape(-1)  # [N*K]
-        order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
-        # static-shaped count (bincount's output size depends on the data, which breaks torch.compile graphs)
-        counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
-        tok = order // K
+        order, tok, counts = sort_by_expert(idx, self.gate_proj.shape[0])
         xs = x[tok]  # [N*K, d], grouped by expert
         if self.grouped and grouped_mm_ok(xs, self.gate_proj):
             ys = grouped_swiglu(xs, self.gate_proj, self.up_proj, self.down_proj, counts)
@@ -79,6 +73,16 @@ class Experts(nn.Module):
             ys = looped_swiglu(xs, self.gate_proj, self.up_proj, self.down_proj, counts)
         ys = ys.to(x.dtype) * w.reshape(-1)[order, None].to(x.dtype)  # the K contributions add up in x's dtype
         return torch.zeros_like(x).index_add_(0, tok, ys), counts
+
+
+def sort_by_expert(idx: torch.Tensor, E: int):
+    """idx [N, K] expert choices -> order [N*K] (the (token, slot) pairs grouped by expert, stable), tok [N*K] (the
+    token of each), counts [E] (pairs per expert)."""
+    flat = idx.reshape(-1)
+    order = flat.argsort(stable=True)
+    # static-shaped count (bincount's output size depends on the data, which breaks torch.compile graphs)
+    counts = torch.zeros(E, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
+    return order, order // idx.shape[1], counts
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
